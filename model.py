@@ -1,0 +1,975 @@
+"""A Mistral-style decoder-only transformer that reads and writes real Mistral checkpoints.
+
+Everything the LLM scripts of this repo share lives here: the model, its KV cache and `generate`, checkpoint I/O
+in the Hugging Face layout (and the Mistral-native one), the tokenizer, and a little script plumbing (config
+flags, DDP setup, dtype handling, learning-rate schedule, FLOP counting).
+
+    from model import MistralForCausalLM, Tokenizer
+    model = MistralForCausalLM.from_pretrained("path/to/Mistral-7B-v0.1", dtype=torch.bfloat16)
+    tok = Tokenizer.from_file("path/to/Mistral-7B-v0.1")
+
+Implementation details (numbers refer to `shared/reference/mistral_and_style.md` sections):
+ 1. Module names equal the HF `MistralForCausalLM` state-dict keys, so an HF checkpoint is a plain
+    `load_state_dict`; RoPE uses HF's rotate_half layout (b.4).
+ 2. RMSNorm computes in fp32, casts back to the input dtype, *then* multiplies by the weight (a.2).
+ 3. RoPE cos/sin tables are built in fp32 even under autocast (a.2: precision loss in bf16 at long context).
+ 4. Grouped-query attention through `scaled_dot_product_attention(enable_gqa=True)`: query head h reads
+    KV head h // (n_heads / n_kv_heads), the same layout as repeat_interleave (a.2).
+ 5. Sliding window: token i sees keys j with i - W < j <= i, i.e. at most W keys *including itself* (a.3; the
+    one-file reference's tril/triu band admits W + 1, an off-by-one we do not copy).
+ 6. Padding never shifts positions: the first real token of every row is position 0 (left or right padding).
+ 7. KV cache: preallocated; with a sliding window it is a rolling buffer of W slots (position p lives in slot
+    p mod W). RoPE is applied before caching, so slot order does not matter to attention (a.3).
+ 8. Missing `rope_theta`: 1e4 when a sliding window is set (v0.1), else 1e6 (v0.2+), with a warning; it is
+    also read from `rope_parameters` (transformers v5 configs) (a.3, b.1).
+ 9. Mistral-native `consolidated.safetensors` loads through one rename + the q/k RoPE permutation (b.2, b.4).
+10. Checkpoints are safetensors + JSON, written file by file under a temporary name and renamed (atomic);
+    shards above `max_shard_size` get a `model.safetensors.index.json`; `rotary_emb.inv_freq` keys are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000  # model vocab (may be padded above the tokenizer's true size)
+    hidden_size: int = 4096  # residual width ("dim" in params.json)
+    intermediate_size: int = 14336  # SwiGLU hidden width ("hidden_dim")
+    num_hidden_layers: int = 32  # transformer blocks
+    num_attention_heads: int = 32  # query heads
+    num_key_value_heads: int = 8  # KV heads (GQA); must divide num_attention_heads
+    head_dim: int | None = None  # per-head width; None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768  # longest position the config promises (not the training length)
+    rms_norm_eps: float = 1e-5  # Mistral's checkpoints say 1e-5 (the HF class default 1e-6 is wrong for them)
+    rope_theta: float | None = None  # None -> rule of detail 8
+    sliding_window: int | None = None  # W keys including self; None = full causal attention
+    tie_word_embeddings: bool = False  # Mistral: separate lm_head
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None  # Mistral ships none; our tokenizers add one distinct from EOS
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    attention_dropout: float = 0.0  # kept for HF parity; RLHF needs dropout off, so it is never applied
+    torch_dtype: str | None = None  # dtype the weights were saved in ("bfloat16", "float32", ...)
+    extra: dict = field(default_factory=dict)  # unknown config.json fields, written back unchanged
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim {self.head_dim} must be even for RoPE")
+        if isinstance(self.sliding_window, str):  # HF's converter: "may sometimes be a string"
+            self.sliding_window = int(self.sliding_window)
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            self.sliding_window = None
+        if self.rope_theta is None:
+            rope = self.extra.get("rope_parameters") or {}
+            if "rope_theta" in rope:
+                self.rope_theta = float(rope["rope_theta"])
+            else:  # detail 8
+                self.rope_theta = 1e4 if self.sliding_window else 1e6
+                warnings.warn(f"config has no rope_theta; using {self.rope_theta:g} "
+                              f"(sliding_window={self.sliding_window})", stacklevel=2)
+        if self.hidden_act != "silu":
+            raise ValueError(f"config: hidden_act {self.hidden_act!r} is not supported (Mistral uses silu)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if isinstance(known.get("eos_token_id"), list):  # some configs list several EOS ids
+            extra["eos_token_ids"] = known["eos_token_id"]
+            known["eos_token_id"] = known["eos_token_id"][0]
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d = {**self.extra, **d}
+        d.setdefault("architectures", ["MistralForCausalLM"])
+        d.setdefault("model_type", "mistral")
+        return d
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read an HF `config.json` (a folder or the file itself)."""
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no config.json (is this an HF checkpoint folder?)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pure functions
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin for integer positions (any shape) -> (*positions.shape, head_dim), HF layout."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # dim j and j + hd/2 share a frequency (rotate_half)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, n, hd); cos/sin: (B, T, hd) fp32. Rotation in fp32, result in x's dtype."""
+    xf = x.float()
+    out = xf * cos[:, :, None] + rotate_half(xf) * sin[:, :, None]
+    return out.to(x.dtype)
+
+
+def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) 0/1 mask -> positions where each row's first real token is 0 (pads get a harmless 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    if offset is not None:
+        pos = pos + offset[:, None]
+    return pos.clamp(min=0)
+
+
+def attention_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
+                      window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, Tq, Tk): query at position i may read key at position j iff the key is a real token,
+    j <= i and (with a window W) j > i - W, i.e. at most W keys counting itself (detail 5)."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # (B, Tq, 1), (B, 1, Tk)
+    allowed = k_valid[:, None, :] & (kp <= qp)
+    if window is not None:
+        allowed = allowed & (kp > qp - window)
+    # a pad query may find no key at all; let it read everything so softmax stays finite (output unused)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) under softmax(logits), in fp32. logits (..., V), labels (...) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to a (B, T) LongTensor and its 0/1 attention mask."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)  # detail 2: cast back first, then the weight
+
+
+class KVCache:
+    """Preallocated keys/values for every layer. Without a sliding window it holds `max_len` slots; with one,
+    a rolling buffer of W slots (detail 7). `pos`/`valid` describe each slot for the attention mask."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        W = cfg.sliding_window
+        self.rolling = W is not None and W < max_len
+        self.size = W if self.rolling else max_len
+        shape = (batch, cfg.num_key_value_heads, self.size, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = torch.zeros(batch, self.size, dtype=torch.long, device=device)  # RoPE position per slot
+        self.valid = torch.zeros(batch, self.size, dtype=torch.bool, device=device)  # real token in slot?
+        self.seen = 0  # tokens (incl. pads) written so far
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens seen per row
+        self.window = W  # sliding window (keys including self), also applied when the buffer is not rolling
+        self.plan: dict | None = None  # how the current forward reads/writes the cache (set by the model)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
+        if cache is not None:
+            plan = cache.plan
+            ck, cv = cache.k[layer], cache.v[layer]
+            new_k, new_v = k[:, :, plan["src"]].to(ck.dtype), v[:, :, plan["src"]].to(cv.dtype)
+            if plan["write_first"]:  # the slots overwritten are not needed by this forward's queries
+                ck.index_copy_(2, plan["slots"], new_k)
+                cv.index_copy_(2, plan["slots"], new_v)
+                k, v = ck[:, :, : plan["n_keys"]], cv[:, :, : plan["n_keys"]]
+            else:  # chunked prefill into a rolling buffer: read [old slots, chunk] before overwriting
+                k_all, v_all = torch.cat([ck, k.to(ck.dtype)], 2), torch.cat([cv, v.to(cv.dtype)], 2)
+                ck.index_copy_(2, plan["slots"], new_k)
+                cv.index_copy_(2, plan["slots"], new_v)
+                k, v = k_all, v_all
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:  # mask: (B, 1, T, S) bool
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # w1
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # w3
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # w2
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)  # pre-norm residual
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MistralModel(nn.Module):
+    """The backbone: embeddings, blocks, final norm. Returns hidden states (B, T, hidden)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                output_hidden_states: bool = False):
+        B, T = input_ids.shape
+        cfg, dev = self.config, input_ids.device
+        valid = (attention_mask.bool() if attention_mask is not None
+                 else torch.ones(B, T, dtype=torch.bool, device=dev))
+        if position_ids is None:
+            position_ids = positions_from_mask(valid, cache.next_pos if cache is not None else None)
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)  # fp32 (detail 3)
+
+        if cache is None:
+            fits_window = cfg.sliding_window is None or T <= cfg.sliding_window
+            mask = None if (attention_mask is None and fits_window) else attention_allowed(
+                position_ids, position_ids, valid, cfg.sliding_window)
+        else:
+            mask = self._plan_cache(cache, position_ids, valid)
+
+        h = self.embed_tokens(input_ids)
+        hidden = [h] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, i)
+            if output_hidden_states:
+                hidden.append(h)
+        if cache is not None:
+            self._commit_cache(cache, position_ids, valid)
+        h = self.norm(h)
+        return (h, hidden) if output_hidden_states else h
+
+    @staticmethod
+    def _plan_cache(cache: KVCache, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Decide where this forward's T tokens go in the cache and build the matching (B,1,T,S) mask."""
+        T = pos.shape[1]
+        if not cache.rolling and cache.seen + T > cache.size:
+            raise ValueError(f"KV cache full: {cache.seen} + {T} tokens > {cache.size} slots")
+        n_write = min(T, cache.size)  # a chunk longer than the buffer only keeps its last W tokens
+        src = torch.arange(T - n_write, T, device=pos.device)
+        slots = (cache.seen + src) % cache.size
+        write_first = not cache.rolling or T == 1
+        if write_first:
+            n_keys = cache.size if cache.rolling else cache.seen + T
+            k_pos, k_valid = cache.pos.clone(), cache.valid.clone()
+            k_pos[:, slots], k_valid[:, slots] = pos[:, src], valid[:, src]
+            k_pos, k_valid = k_pos[:, :n_keys], k_valid[:, :n_keys]
+        else:
+            n_keys = cache.size + T
+            k_pos, k_valid = torch.cat([cache.pos, pos], 1), torch.cat([cache.valid, valid], 1)
+        mask = attention_allowed(pos, k_pos, k_valid, cache.window)
+        cache.plan = {"src": src, "slots": slots, "write_first": write_first, "n_keys": n_keys}
+        return mask
+
+    @staticmethod
+    def _commit_cache(cache: KVCache, pos: torch.Tensor, valid: torch.Tensor) -> None:
+        src, slots = cache.plan["src"], cache.plan["slots"]
+        cache.pos[:, slots], cache.valid[:, slots] = pos[:, src], valid[:, src]
+        cache.seen += pos.shape[1]
+        cache.next_pos += valid.long().sum(1)
+        cache.plan = None
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # (B, P + N): left-padded prompt, then the new tokens (pad after a row's EOS)
+    response_ids: torch.Tensor  # (B, N)
+    response_mask: torch.Tensor  # (B, N) 1 up to and including the first EOS
+    logprobs: torch.Tensor | None  # (B, N) fp32 log-probs of the sampled tokens under logits / temperature
+
+
+class MistralForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = MistralModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.device.type != "meta":
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """-> fp32 logits (B, T, V)."""
+        h = self.model(input_ids, attention_mask, position_ids, cache)
+        return self.lm_head(h).float()
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = count_params(self)
+        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return KVCache(self.config, batch, max_len, p.device, dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 do_sample: bool = True, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, return_logprobs: bool = False,
+                 prefill_chunk: int | None = None) -> GenerateOutput:
+        """Batched sampling with the KV cache. Prompts must be LEFT padded (see `pad_batch`).
+
+        Returned log-probs are those of the full distribution softmax(logits / temperature), before top-k/top-p
+        filtering, because that is the policy PPO optimises (ICE-GRT/N+ detail: divide logits by temperature).
+        """
+        cfg = self.config
+        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                              else eos)
+        greedy = (not do_sample) or temperature == 0
+        B, P = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError("generate: prompts must be left-padded (last column must be a real token)")
+        cache = self.new_cache(B, P + max_new_tokens)
+        chunk = prefill_chunk or P
+        for s in range(0, P, chunk):
+            logits = self(input_ids[:, s:s + chunk], attention_mask[:, s:s + chunk], cache=cache)
+        logits = logits[:, -1]
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+        lps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=input_ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        n = 0
+        for t in range(max_new_tokens):
+            scaled = logits.float() / (1.0 if greedy else temperature)
+            if greedy:
+                tok = scaled.argmax(-1)
+            else:
+                probs = torch.softmax(filter_top_k_top_p(scaled, top_k, top_p), -1)
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if return_logprobs:
+                lps[:, t] = logprobs_from_logits(scaled, tok)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            out[:, t] = tok
+            done |= tok == eos
+            n = t + 1
+            if done.all() or t == max_new_tokens - 1:
+                break
+            logits = self(tok[:, None], torch.ones_like(tok[:, None]), cache=cache)[:, -1]
+        out, lps = out[:, :n], lps[:, :n]
+        # 1 up to and including the first EOS; 0 after it
+        is_eos = (out == eos).long()
+        after_eos = (is_eos.cumsum(1) - is_eos) > 0
+        resp_mask = (~after_eos).long()
+        lps = lps * resp_mask
+        return GenerateOutput(torch.cat([input_ids, out], 1), out, resp_mask, lps if return_logprobs else None)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> MistralForCausalLM:
+        """Load an HF folder (config.json + safetensors) or a Mistral-native one (params.json +
+        consolidated.safetensors). dtype None keeps the checkpoint's dtype."""
+        path = Path(path)
+        if (path / "params.json").is_file() and not (path / "config.json").is_file():
+            cfg, sd = load_mistral_native(path)
+        else:
+            cfg = load_config(path)
+            sd = load_safetensors_dir(path)
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+        if cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_state_dict_strict(model, sd, path)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        if dtype is not None:
+            model.to(dtype)
+        return model.to(device)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 5 * 10**9,
+                        tokenizer: Tokenizer | None = None) -> None:
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # HF drops the tied copy (safetensors refuses shared memory)
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        save_safetensors_dir(path, sd, cfg, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save(path)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus top-p set to -inf. logits (B, V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = (cum - torch.softmax(sorted_logits, -1)) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters counted once even when tied."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
+    """Training FLOPs per token: 6N for the matmuls with parameters (forward 2N, backward 4N) plus
+    12 * L * H * hd * T for attention scores and values (PaLM appendix B / nanoGPT's estimate_mfu).
+    N excludes the input embedding (a lookup, not a matmul) but includes the LM head."""
+    if n_params is None:
+        h, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        per_layer = h * hd * (2 * nh + 2 * nkv) + 3 * h * i + 2 * h
+        n_params = L * per_layer + h + V * h
+    return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (((p / "config.json").is_file() and (
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()))
+        or ((p / "params.json").is_file() and (p / "consolidated.safetensors").is_file()))
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated or corrupt file: name it
+        raise ValueError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+
+
+def load_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder: `model.safetensors`, or the shards listed in the index."""
+    p = Path(path)
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: invalid index ({e!r}); expected {{'weight_map': {{name: file}}}}") from None
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            sd.update(_read_safetensors(p / shard))
+        missing = set(weight_map) - set(sd)
+        if missing:
+            raise ValueError(f"{index}: tensors listed but absent from shards: {sorted(missing)[:5]}")
+        return sd
+    if (p / "model.safetensors").is_file():
+        return _read_safetensors(p / "model.safetensors")
+    if p.is_file() and p.suffix == ".safetensors":
+        return _read_safetensors(p)
+    raise FileNotFoundError(f"{p}: no model.safetensors or model.safetensors.index.json "
+                            f"(only safetensors checkpoints are read; .bin pickles are not loaded)")
+
+
+def save_safetensors_dir(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict,
+                         max_shard_size: int = 5 * 10**9) -> None:
+    """Write config.json + weights in the HF layout, each file atomically; shards above max_shard_size."""
+    from safetensors.torch import save as st_save
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    stale = set(p.glob("model*.safetensors")) | {p / "model.safetensors.index.json"}
+    if len(shards) == 1:
+        write_bytes_atomic(p / "model.safetensors", st_save(shards[0], metadata={"format": "pt"}))
+        written = {p / "model.safetensors"}
+    else:
+        n = len(shards)
+        weight_map, written = {}, set()
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            write_bytes_atomic(p / name, st_save(shard, metadata={"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+            written.add(p / name)
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        write_json_atomic(p / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.add(p / "model.safetensors.index.json")
+    for f in stale - written:
+        f.unlink(missing_ok=True)
+    write_json_atomic(p / "config.json", config)
+
+
+def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], source: Any = "") -> None:
+    """load_state_dict(assign=True) with errors naming the key and both shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing:
+        raise ValueError(f"{source}: missing key {missing[0]!r} (expected shape {tuple(own[missing[0]].shape)})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected key {unexpected[0]!r} (shape {tuple(sd[unexpected[0]].shape)})"
+                         + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)} in the checkpoint but "
+                             f"{tuple(v.shape)} in the model built from its config")
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+# Mistral-native <-> HF (reference b.2, b.4)
+_NATIVE_TO_HF = [
+    (r"^tok_embeddings\.weight$", "model.embed_tokens.weight"),
+    (r"^norm\.weight$", "model.norm.weight"),
+    (r"^output\.weight$", "lm_head.weight"),
+    (r"^layers\.(\d+)\.attention\.wq\.weight$", r"model.layers.\1.self_attn.q_proj.weight"),
+    (r"^layers\.(\d+)\.attention\.wk\.weight$", r"model.layers.\1.self_attn.k_proj.weight"),
+    (r"^layers\.(\d+)\.attention\.wv\.weight$", r"model.layers.\1.self_attn.v_proj.weight"),
+    (r"^layers\.(\d+)\.attention\.wo\.weight$", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.weight$", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.weight$", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.weight$", r"model.layers.\1.mlp.down_proj.weight"),
+    (r"^layers\.(\d+)\.attention_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
+    (r"^layers\.(\d+)\.ffn_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+]
+
+
+def permute_native_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Interleaved RoPE pairs (2i, 2i+1) -> rotate_half pairs (j, j + hd/2): [n, hd/2, 2, dim] -> swap 1,2."""
+    dim = w.shape[1]
+    return w.view(n_heads, -1, 2, dim).transpose(1, 2).reshape(-1, dim)
+
+
+def permute_hf_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    dim = w.shape[1]
+    return w.view(n_heads, 2, -1, dim).transpose(1, 2).reshape(-1, dim)
+
+
+def native_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _NATIVE_TO_HF:
+            if re.match(pat, k):
+                new = re.sub(pat, rep, k)
+                break
+        else:
+            raise ValueError(f"Mistral-native checkpoint: unknown key {k!r}")
+        if new.endswith("q_proj.weight"):
+            v = permute_native_to_hf(v, cfg.num_attention_heads)
+        elif new.endswith("k_proj.weight"):
+            v = permute_native_to_hf(v, cfg.num_key_value_heads)
+        out[new] = v
+    return out
+
+
+def hf_to_native_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `native_to_hf_state_dict` (used to test the round trip and to export native files)."""
+    inverse = [(r"^" + rep.replace(".", r"\.").replace(r"\1", r"(\d+)") + "$",
+                pat.strip("^$").replace(r"\.", ".").replace(r"(\d+)", r"\1")) for pat, rep in _NATIVE_TO_HF]
+    out = {}
+    for k, v in sd.items():
+        match = next(((p, r) for p, r in inverse if re.match(p, k)), None)
+        if match is None:
+            raise ValueError(f"HF checkpoint: key {k!r} has no Mistral-native name")
+        if k.endswith("q_proj.weight"):
+            v = permute_hf_to_native(v, cfg.num_attention_heads)
+        elif k.endswith("k_proj.weight"):
+            v = permute_hf_to_native(v, cfg.num_key_value_heads)
+        out[re.sub(match[0], match[1], k)] = v
+    return out
+
+
+def config_from_params(params: dict) -> ModelConfig:
+    """Mistral `params.json` -> ModelConfig (the HF converter's field mapping, reference b.2)."""
+    d = {"hidden_size": params["dim"], "num_hidden_layers": params["n_layers"],
+         "intermediate_size": params["hidden_dim"], "num_attention_heads": params["n_heads"],
+         "num_key_value_heads": params.get("n_kv_heads", params["n_heads"]), "head_dim": params.get("head_dim"),
+         "rms_norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"],
+         "sliding_window": params.get("sliding_window"), "rope_theta": params.get("rope_theta")}
+    return ModelConfig.from_dict(d)
+
+
+def load_mistral_native(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    p = Path(path)
+    params = json.loads((p / "params.json").read_text())
+    missing = [k for k in ("dim", "n_layers", "hidden_dim", "n_heads", "norm_eps", "vocab_size") if k not in params]
+    if missing:
+        raise ValueError(f"{p / 'params.json'}: field {missing[0]!r} missing")
+    cfg = config_from_params(params)
+    if not (p / "consolidated.safetensors").is_file():
+        raise FileNotFoundError(f"{p}: no consolidated.safetensors (pickled consolidated.00.pth is not loaded; "
+                                f"convert it to safetensors in a trusted environment first)")
+    return cfg, native_to_hf_state_dict(_read_safetensors(p / "consolidated.safetensors"), cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+PAD_TOKEN = "<pad>"
+
+
+class Tokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer`: BOS once at the start, EOS on request, a PAD that is not EOS."""
+
+    def __init__(self, tk):
+        self.tk = tk
+        self.bos_id = tk.token_to_id("<s>")
+        self.eos_id = tk.token_to_id("</s>")
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError("tokenizer has no <s> / </s> tokens")
+        if tk.token_to_id(PAD_TOKEN) is None:  # Mistral ships no PAD; pad == EOS would hide real EOS tokens
+            from tokenizers import AddedToken
+            tk.add_special_tokens([AddedToken(PAD_TOKEN, special=True)])
+        self.pad_id = tk.token_to_id(PAD_TOKEN)
+        self.unk_id = tk.token_to_id("<unk>")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        from tokenizers import Tokenizer as TK
+        p = Path(path)
+        p = p / "tokenizer.json" if p.is_dir() else p
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no tokenizer.json")
+        try:
+            return cls(TK.from_file(str(p)))
+        except Exception as e:
+            raise ValueError(f"{p}: cannot load tokenizer ({e})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        encs = self.tk.encode_batch(texts, add_special_tokens=False)
+        return [([self.bos_id] if bos else []) + e.ids + ([self.eos_id] if eos else []) for e in encs]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(p / "tokenizer.json", self.tk.to_str().encode())
+        # lets transformers' AutoTokenizer load the folder (PreTrainedTokenizerFast reads tokenizer.json)
+        write_json_atomic(p / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "pad_token": PAD_TOKEN, "add_bos_token": True, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000})
+        write_json_atomic(p / "special_tokens_map.json", {
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": PAD_TOKEN})
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Mistral-style BPE (reference section c): byte fallback, metaspace, ids 0-2 = <unk>,<s>,</s>,
+    ids 3-258 = the 256 byte tokens <0x00>..<0xFF> *inside the model vocab*, then learned pieces, then <pad>."""
+    from tokenizers import Tokenizer as TK
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    n_fixed = len(SPECIALS) + 256 + 1  # specials, bytes, pad
+    if vocab_size <= n_fixed:
+        raise ValueError(f"vocab_size {vocab_size} must exceed {n_fixed} (specials + 256 bytes + pad)")
+    tk = TK(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # split=True while training so merges never cross a word boundary (reference c, step 2)
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 257, special_tokens=SPECIALS, show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    # rebuild the vocab as [specials, 256 bytes, learned] (passing bytes as special tokens would make
+    # decode(skip_special_tokens=True) drop byte-fallback pieces: reference c, pitfall)
+    spec = json.loads(tk.to_str())
+    learned = sorted(((t, i) for t, i in spec["model"]["vocab"].items() if t not in SPECIALS), key=lambda x: x[1])
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t, _ in learned:
+        if t not in vocab:
+            vocab[t] = len(vocab)
+    spec["model"]["vocab"] = vocab
+    for a in spec["added_tokens"]:
+        a["id"] = vocab[a["content"]]
+    tk = TK.from_str(json.dumps(spec))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    return Tokenizer(tk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Script plumbing shared by pretrain.py, reward_model.py, ppo_rlhf.py, evaluate.py
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per dataclass field, same name (underscores kept): `--kl_coef 0.1`, `--compile/--no-compile`."""
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        typ = f.type if isinstance(f.type, type) else None
+        tname = str(f.type)
+        if isinstance(default, bool) or tname == "bool":
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, list) or tname.startswith("list"):
+            parser.add_argument(f"--{f.name}", nargs="*", default=default)
+        else:
+            conv = (typ if typ in (int, float, str) else
+                    int if "int" in tname and "float" not in tname else float if "float" in tname else str)
+            parser.add_argument(f"--{f.name}", type=_optional(conv), default=default)
+
+
+def _optional(conv):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null") else conv(s)
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None):
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(parser, config_cls)
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+@dataclass
+class DistInfo:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU (so 2-rank DDP runs on a laptop)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 1:
+        return DistInfo(False, 0, 0, 1)
+    import torch.distributed as dist
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(True, rank, local, world)
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto",
+                         local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    """auto = bf16 on GPUs that support it, fp16 (+ GradScaler) on older GPUs, fp32 on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda requested but CUDA is not available")
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype == "auto":
+        if dev.type == "cuda":
+            return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dev, torch.float32
+    if dtype not in names:
+        raise SystemExit(f"--dtype must be auto|fp32|bf16|fp16, got {dtype!r}")
+    return dev, names[dtype]
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    """Autocast for matmuls in bf16/fp16; norms, RoPE, softmax of losses stay fp32 inside the model."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cosine_lr(step: int, warmup: int, total: int, lr: float, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at `total`."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if total <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity) -- for honest MFU figures
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                  "L4": 121e12, "V100": 125e12, "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, val in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
+                        device: str = "cpu") -> float:
+    """This machine's achievable matmul FLOP/s (the ceiling CPU MFU figures are a fraction of)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (metrics.jsonl); only the main rank should create one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")
+
+    def log(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)
