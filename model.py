@@ -472,8 +472,8 @@ class MistralForCausalLM(nn.Module):
             cfg = load_config(path)
             sd = load_safetensors_dir(path)
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-        if cfg.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
+        if cfg.tie_word_embeddings and "model.embed_tokens.weight" in sd:  # HF stores the tied matrix once
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         with torch.device("meta"):
             model = cls(cfg)
         load_state_dict_strict(model, sd, path)
