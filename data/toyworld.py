@@ -110,6 +110,7 @@ REGIONS = ["Kelmar", "Duneth", "Varrow", "Ilsen", "Brightfen", "Oskaro"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "brown"]
 FOODS = ["berries", "fish", "moss", "seeds", "honey", "mushrooms", "leaves", "beetles"]
 HABITATS = ["forest", "river", "mountains", "desert", "caves", "marsh"]
+NAME_RULE = 0.7  # share of entities whose attribute follows the name rule (see make_entities)
 HABITAT_FOOD = {"forest": "berries", "river": "fish", "mountains": "moss", "desert": "seeds",
                 "caves": "mushrooms", "marsh": "beetles"}  # a learnable regularity: habitat predicts food
 SIZES_WORDS = ["tiny", "small", "big", "huge"]
@@ -132,31 +133,37 @@ def article(word: str) -> str:
 
 
 def make_entities(rng: random.Random, n: int) -> list[Entity]:
-    """Unique names; the suffix gives the kind away (a second learnable regularity)."""
+    """Unique names whose parts carry information, as real names often do: the suffix gives the kind away,
+    and the first syllable predicts a creature's habitat and colour, a town's region and a person's job
+    (each rule holds for `NAME_RULE` of the entities). A small model learns these regularities long before
+    it memorises single facts, so knowledge questions are above chance early and keep improving."""
     names: set[str] = set()
     out: list[Entity] = []
     kinds = ["creature"] * (n * 4 // 10) + ["town"] * (n * 3 // 10)
     kinds += ["person"] * (n - len(kinds))
     for kind in kinds:
         while True:
-            stem = rng.choice(SYLLABLES) + rng.choice(SYLLABLES)
-            name = stem.capitalize() + {"creature": "ling", "town": "ford", "person": "a"}[kind]
+            first, second = rng.choice(SYLLABLES), rng.choice(SYLLABLES)
+            name = (first + second).capitalize() + {"creature": "ling", "town": "ford", "person": "a"}[kind]
             if name not in names:
                 names.add(name)
                 break
-        out.append(Entity(name, kind, {}))
+        out.append(Entity(name, kind, {"_syl": SYLLABLES.index(first)}))
     towns = [e.name for e in out if e.kind == "town"]
     creatures = [e.name for e in out if e.kind == "creature"]
+
+    def by_name(e: Entity, values: list[str], shift: int) -> str:
+        return values[(e.attrs["_syl"] + shift) % len(values)] if rng.random() < NAME_RULE else rng.choice(values)
     for e in out:
         if e.kind == "creature":
-            habitat = rng.choice(HABITATS)
-            food = HABITAT_FOOD[habitat] if rng.random() < 0.6 else rng.choice(FOODS)
-            e.attrs = dict(color=rng.choice(COLORS), food=food, habitat=habitat,
+            habitat = by_name(e, HABITATS, 0)
+            food = HABITAT_FOOD[habitat] if rng.random() < NAME_RULE else rng.choice(FOODS)
+            e.attrs = dict(color=by_name(e, COLORS, 3), food=food, habitat=habitat,
                            size=rng.choice(SIZES_WORDS), myth=rng.choice(MYTHS))
         elif e.kind == "town":
-            e.attrs = dict(region=rng.choice(REGIONS), goods=rng.choice(GOODS), roof=rng.choice(COLORS))
+            e.attrs = dict(region=by_name(e, REGIONS, 1), goods=by_name(e, GOODS, 5), roof=rng.choice(COLORS))
         else:
-            e.attrs = dict(job=rng.choice(JOBS), home=rng.choice(towns), pet=rng.choice(creatures))
+            e.attrs = dict(job=by_name(e, JOBS, 2), home=rng.choice(towns), pet=rng.choice(creatures))
     return out
 
 

@@ -1,0 +1,932 @@
+"""PPO-based RLHF applied directly to a base model, with every ICE-GRT trick as a named switch.
+
+Papers: ICE-GRT (Zheng et al., arXiv 2401.02072) trains with PPO and four models (actor, reference, reward,
+critic) and names its success factors "Appropriate Data, Reward Size Scaling, KL-Control, Advantage
+Normalization"; Mistral-Plus (arXiv 2403.02513) applies that harmless RLHF to the *base* model, skipping SFT.
+The remaining details follow "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024, N+ below),
+Ziegler et al. 2019 (adaptive KL), Schulman et al. 2016 (GAE), Ouyang et al. 2022 (PPO-ptx).
+ICE-GRT's own hyperparameters are in a paper body we could not read: every default below is a public anchor's
+(N+, TRL, OpenRLHF; see shared/reference/rlhf_ppo.md), or tuned for the toy world where a 7B value would not move
+a 5M-parameter model in four minutes; the field comment says which.
+
+    python ppo_rlhf.py                                   # toy world: out/pretrain/final + out/reward_model/final
+    python ppo_rlhf.py --kl_coef 0 --out out/ppo_nokl    # one ablation (bench/ablate_ppo.sh runs them all)
+    torchrun --nproc_per_node=2 ppo_rlhf.py              # DDP: gloo on CPU, nccl on GPUs
+    python ppo_rlhf.py --resume out/ppo                  # continue an interrupted run (same flags)
+    python ppo_rlhf.py --policy Mistral-7B-v0.1 --reward_model rm7b \\
+        --prompts harmless-base/train.jsonl.gz helpful-base/train.jsonl.gz --prompt_weights 0.7 0.3
+
+Each iteration: sample prompts -> generate with the KV cache -> score -> per-token rewards -> GAE -> several
+PPO epochs over minibatches -> log; every `eval_every` iterations a held-out evaluation; periodic saves.
+
+Implementation details (the numbers appear at the lines that implement them):
+ 1. Clipped surrogate policy loss, ratio clip `cliprange` 0.2 (common default: TRL, OpenRLHF, N+).
+ 2. Four models: actor (from the base checkpoint), reference (frozen copy of it), reward model (frozen), critic
+    initialised from the reward model (`critic_init reward`; per-token values = the RM head at every position,
+    `RewardModel.token_scores`), or from the policy backbone with a fresh head (`critic_init policy`).
+ 3. KL-CONTROL: a per-token penalty -kl_coef * KL_t inside the reward, fixed coefficient 0.05 (N+, new TRL) ...
+ 4. ... or the adaptive controller of Ziegler et al. 2019 (`adaptive_kl`): e = clip(KL/target - 1, +-0.2),
+    beta *= 1 + e * n / horizon, with KL the mean sequence KL over *all ranks* and n the global batch.
+ 5. KL estimator k1 = log pi - log pi_ref (default) or k3 = (r - 1) - log r with r = pi_ref / pi (Schulman's
+    "Approximating KL divergence" note). The logged KL is always the k1 sum per sequence; a warning fires when
+    the batch KL is below -1 nat (sampling that does not follow pi: TRL issues #351, #1857).
+ 6. REWARD SIZE SCALING: the reward model is loaded on its own and may be larger than the policy (only the
+    tokenizer must match); the score is normalised (`reward_norm fixed`: the RM's stored mean/std;
+    `running`: running mean/std over all ranks; `none`), multiplied by `reward_scale`, clipped to
+    +-`reward_clip` (OpenRLHF's 10).
+ 7. ADVANTAGE NORMALIZATION: masked whitening over the valid tokens of the whole rollout batch, all ranks
+    together (`adv_norm global`, as OpenRLHF); `minibatch` (PPO2/CleanRL) or `none` (DeepSpeed-Chat).
+ 8. GAE with gamma 1.0 and lambda 0.95 (N+, TRL), values after the last valid token are 0,
+    returns = advantages + values.
+ 9. Clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2), `cliprange_value` 0.2; separate AdamW optimisers
+    and learning rates for actor and critic (OpenRLHF, DeepSpeed-Chat).
+10. APPROPRIATE DATA: several prompt sources (`path` or `path#kind`, HH-RLHF / {"prompt"} / PKU-SafeRLHF,
+    .gz accepted) sampled with `prompt_weights`: red-team prompts mixed with general ones.
+11. Reward whitening (`whiten_rewards`, off as in N+'s released code): per-token rewards scaled to unit std over
+    the batch, keeping their mean.
+12. EOS trick: everything after the first EOS is masked (generate's response_mask); a response with no EOS
+    loses `missing_eos_penalty` (TRL's name; N+ sets the score to -1); EOS rate and length are logged,
+    because a base model rambles (Mistral-C2F's "continuous maximization").
+13. Log-probs of actor and reference are computed from logits / temperature, the distribution actually
+    sampled (N+; without it KL grows faster and quality drops).
+14. Dropout off in all four models (`disable_dropout`; Mistral has no dropout layers, so this only zeroes any
+    nn.Dropout a custom config adds and keeps every model in eval mode).
+15. PPO-ptx (Ouyang et al. 2022): `ptx_coef` * language-modelling loss on pretraining text added to the actor
+    loss; off by default (DeepSpeed-Chat reports the InstructGPT value 27.8 destabilised training).
+16. Global grad-norm clipping (`max_grad_norm` 1.0); a minibatch whose mean ratio exceeds `ratio_threshold`
+    (old TRL: 10) is skipped; optional early stop of the PPO epochs when approx-KL > 1.5 * `target_kl`.
+17. Linear warmup + cosine decay for both optimisers (`warmup_frac`, `min_lr_ratio`; OpenRLHF: 3% warmup).
+
+Fixed in code (not switches, with the reason at the line): old log-probs are recomputed with the training
+forward rather than taken from the cached sampler, so the first PPO ratio is exactly 1 under any dtype; top-k 0
+and top-p 1 during rollouts (anything else makes the samples not follow pi and the KL negative); no entropy
+bonus (LM-PPO practice); PAD is never EOS (model.Tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import (JsonlLogger, MistralForCausalLM, Tokenizer, autocast_ctx, cleanup_distributed, cosine_lr,
+                   init_distributed, log, logprobs_from_logits, pad_batch, parse_config, resolve_device_dtype,
+                   write_json_atomic)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class PPOConfig:
+    # -- models and data
+    policy: str = "out/pretrain/final"  # base causal LM (HF folder): actor init and frozen reference (detail 2)
+    reward_model: str = "out/reward_model/final"  # RewardModel folder, frozen; may be larger (detail 6)
+    prompts: list[str] = field(default_factory=lambda: [
+        "data/toy/prompts/train.jsonl#red_team", "data/toy/prompts/train.jsonl#general"])  # sources (10)
+    prompt_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])  # sampling weight per source (10)
+    eval_prompts: str = "data/toy/prompts/test.jsonl"  # held-out prompts ("kind" red_team/general if present)
+    eval_corpus: str = "data/toy/corpus/valid.jsonl"  # held-out {"text"} docs: LM loss = general skills kept
+    toxic_lexicon: str = "data/toy/card.json"  # JSON with "toxic_lexicon" (toy toxicity rate); "" = skip
+    out: str = "out/ppo"  # output folder: final/ (policy), critic/, state/ (resume), metrics
+    resume: str = ""  # a previous --out folder (or its state/) to continue from
+    device: str = "auto"  # auto|cpu|cuda
+    dtype: str = "auto"  # auto|fp32|bf16|fp16 (autocast; frozen models stored in it, trained ones in fp32)
+    compile: bool = False  # torch.compile the training forwards of actor and critic
+    seed: int = 1234  # rollouts of rank r at iteration i use a generator seeded from (seed, i, r)
+    # -- rollout
+    total_iters: int = 60  # PPO iterations (rollout + update)
+    rollout_batch_size: int = 64  # prompts per iteration over all ranks (the global batch)
+    max_prompt_len: int = 128  # prompt tokens kept (BOS + the end of the dialogue)
+    max_new_tokens: int = 40  # response cap; rows without EOS by then get the missing-EOS penalty
+    temperature: float = 0.7  # 13: sampling temperature, also divides the logits of the log-probs (N+)
+    # -- PPO (numbers = details in the docstring)
+    ppo_epochs: int = 4  # 1: passes over the rollout batch per iteration (N+, TRL: 4)
+    num_minibatches: int = 2  # 1: minibatches per epoch; per-rank rows must divide evenly
+    cliprange: float = 0.2  # 1: policy ratio clip epsilon
+    critic_init: str = "reward"  # 2: reward|policy
+    kl_coef: float = 0.05  # 3: KL-control coefficient beta (initial value if adaptive); 0 = KL-control off
+    adaptive_kl: bool = False  # 4: Ziegler et al. adaptive controller instead of a fixed beta
+    kl_target: float = 6.0  # 4: target sequence KL in nats (OAI stylistic tasks)
+    kl_horizon: int = 10000  # 4: controller horizon in episodes
+    kl_estimator: str = "k1"  # 5: k1|k3 per-token estimator inside the reward
+    reward_norm: str = "fixed"  # 6: fixed (RM's stored mean/std)|running|none
+    reward_scale: float = 1.0  # 6: multiplier on the normalised score
+    reward_clip: float = 10.0  # 6: clip the score to +-this after scaling; 0 = no clip
+    adv_norm: str = "global"  # 7: global (rollout batch, all ranks)|minibatch|none
+    gamma: float = 1.0  # 8: discount
+    lam: float = 0.95  # 8: GAE lambda
+    cliprange_value: float = 0.2  # 9: value clip around the rollout's values
+    actor_lr: float = 2e-5  # 9/17: peak actor LR (7B anchors: 1e-6 OpenRLHF; toy model is ~1000x smaller)
+    critic_lr: float = 5e-5  # 9/17: peak critic LR (7B anchor: 9e-6 OpenRLHF)
+    whiten_rewards: bool = False  # 11: whiten per-token rewards keeping the mean
+    missing_eos_penalty: float = 1.0  # 12: subtracted from the score of a response with no EOS
+    disable_dropout: bool = True  # 14: dropout off in all four models
+    ptx_coef: float = 0.0  # 15: PPO-ptx coefficient on the pretraining LM loss; 0 = off
+    ptx_data: str = "data/toy/corpus/train.jsonl"  # 15: {"text"} JSONL for PPO-ptx
+    ptx_batch_size: int = 8  # 15: documents per minibatch (per rank) for PPO-ptx
+    max_grad_norm: float = 1.0  # 16: global grad-norm clip for each optimiser
+    ratio_threshold: float = 10.0  # 16: skip a minibatch whose mean ratio exceeds this
+    target_kl: float = 0.0  # 16: stop this iteration's PPO epochs when approx-KL > 1.5 * target; 0 = off
+    warmup_frac: float = 0.05  # 17: fraction of iterations with linear LR warmup
+    min_lr_ratio: float = 0.1  # 17: cosine decays to this fraction of the peak LR
+    # -- evaluation, logging, saving
+    eval_every: int = 30  # held-out evaluation every K iterations (and before the first, and at the end)
+    eval_n: int = 0  # held-out prompts used (0 = all)
+    eval_corpus_docs: int = 200  # held-out corpus documents for the LM loss
+    eval_batch_size: int = 100  # prompts per generate call in evaluation (per rank)
+    save_every: int = 30  # resumable state every K iterations (and at the end)
+    stop_after_iters: int = 0  # stop (with state saved) after this many iterations in this run; 0 = no
+
+
+PROMPT_KINDS_TOXIC = "red_team"  # the prompt kind on which the toxicity rate is the headline figure
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pure functions: the math of each trick, testable alone. "Global" means reduced over all DDP ranks
+# (a no-op in a single process).
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Global mean of x over the positions where mask == 1."""
+    s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    return (s[0] / s[1].clamp(min=1)).to(x.dtype)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over valid tokens of all ranks; shift_mean=False adds the mean back
+    (reward whitening, detail 11). Biased variance, as N+ (to match the original TensorFlow code)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    w = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        w = w + mean
+    return w * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate on the sampled tokens (detail 5)."""
+    log_ratio = logprobs - ref_logprobs  # log pi/pi_ref
+    if estimator == "k1":
+        return log_ratio  # unbiased, can be negative per token
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = pi_ref/pi: unbiased and >= 0
+    raise ValueError(f"kl_estimator must be k1 or k3, got {estimator!r}")
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. 2019, eq. 2 (detail 4): proportional control of beta towards a target sequence KL."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def shape_score(raw: torch.Tensor, has_eos: torch.Tensor, norm: str, mean: float, std: float, scale: float,
+                clip: float, missing_eos_penalty: float) -> torch.Tensor:
+    """Reward Size Scaling (detail 6) then the missing-EOS penalty (detail 12), per sequence (B,)."""
+    s = (raw - mean) / std if norm != "none" else raw
+    s = s * scale
+    if clip > 0:
+        s = s.clamp(-clip, clip)
+    return s - missing_eos_penalty * (~has_eos).to(s.dtype)
+
+
+def compute_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                    mask: torch.Tensor, kl_coef: float, estimator: str = "k1"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (B, N): -kl_coef * KL_t on every valid response token (KL-Control, detail 3) and the
+    sequence score added at the last valid token, i.e. the EOS when there is one (N+, not TRL's EOS+1)."""
+    kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    rewards = -kl_coef * kl
+    last = mask.long().sum(1) - 1  # (B,) index of the last valid token
+    rewards[torch.arange(len(score)), last] += score
+    return rewards * mask, kl
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, detail 8) over response tokens (B, N).
+    V after the last valid token is 0 (the episode ends at EOS); returns = advantages + values."""
+    values, rewards = values * mask, rewards * mask
+    B, N = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(N)):
+        next_v = values[:, t + 1] if t + 1 < N else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]  # TD error
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, adv + values
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, cliprange: float, denom: torch.Tensor | float | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (Schulman et al. 2017, detail 1): sum over valid tokens of
+    max(-A * rho, -A * clip(rho, 1-eps, 1+eps)) / denom (default: the number of valid tokens)."""
+    denom = mask.sum() if denom is None else denom
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = (torch.maximum(pg1, pg2) * mask).sum() / denom
+    stats = {"ratio": ratio.detach(), "clipfrac": (pg2 > pg1).float(),
+             "approxkl": 0.5 * log_ratio.detach() ** 2}  # N+'s approx-KL
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   cliprange_value: float, denom: torch.Tensor | float | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (detail 9): 0.5 * sum over valid tokens of max((V - R)^2, (V_clip - R)^2) / denom."""
+    denom = mask.sum() if denom is None else denom
+    v_clip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    l1, l2 = (values - returns) ** 2, (v_clip - returns) ** 2
+    loss = 0.5 * (torch.maximum(l1, l2) * mask).sum() / denom
+    return loss, {"vf_clipfrac": (l2 > l1).float()}
+
+
+class RunningMoments:
+    """Running mean/std of scalar scores over all ranks (Chan et al. parallel update); reward_norm running."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        s = all_reduce_sum(torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()))]).double())
+        n = s[2].item()
+        b_mean = s[0].item() / n
+        b_var = max(s[1].item() / n - b_mean ** 2, 0.0)
+        tot = self.count + n
+        delta = b_mean - self.mean
+        self.var = (self.var * self.count + b_var * n + delta ** 2 * self.count * n / tot) / tot
+        self.mean += delta * n / tot
+        self.count = tot
+
+    @property
+    def std(self) -> float:
+        return max(math.sqrt(self.var), 1e-6)
+
+
+def toxic_regex(lexicon: list[str]) -> re.Pattern | None:
+    """Whole words/phrases, case-insensitive: the toy world's own `is_toxic` rule (card.json toxic_match)."""
+    words = sorted({w.lower() for w in lexicon}, key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b") if words else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: prompt sources (detail 10)
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, row) for every non-blank line; a bad line raises naming file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: file not found")
+    rows = []
+    with _open_text(p) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{p}:{i}: expected a JSON object per line")
+            rows.append((i, row))
+    return rows
+
+
+def prompt_from_row(row: dict, where: str) -> str:
+    """HH-RLHF: the transcript up to and including the last '\\n\\nAssistant:'; {"prompt"}: as is when it already
+    ends with an Assistant turn, else (PKU-SafeRLHF's bare questions) wrapped in the same HH template."""
+    if "chosen" in row:
+        chosen = row["chosen"]
+        if not isinstance(chosen, str) or HH_ASSISTANT not in chosen:
+            raise ValueError(f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn")
+        return chosen[: chosen.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)]
+    if "prompt" in row:
+        p = row["prompt"]
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{where}: field 'prompt' is empty or not a string")
+        return p if p.rstrip().endswith("Assistant:") else f"\n\nHuman: {p.strip()}{HH_ASSISTANT}"
+    raise ValueError(f"{where}: field 'prompt' missing (expected {{\"prompt\"}} rows, HH-RLHF "
+                     f"{{\"chosen\", \"rejected\"}} or PKU-SafeRLHF rows)")
+
+
+def load_prompts(spec: str) -> list[tuple[str, str]]:
+    """`path` or `path#kind` (rows whose "kind" equals kind) -> [(prompt, kind)]."""
+    path, _, kind = spec.partition("#")
+    out = []
+    for i, row in read_jsonl(path):
+        if kind and row.get("kind") != kind:
+            continue
+        out.append((prompt_from_row(row, f"{path}:{i}"), str(row.get("kind", ""))))
+    if not out:
+        raise ValueError(f"{spec}: no prompts" + (f" of kind {kind!r}" if kind else ""))
+    return out
+
+
+def load_texts(path: str, limit: int = 0) -> list[str]:
+    texts = []
+    for i, row in read_jsonl(path):
+        if not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}:{i}: field 'text' missing")
+        texts.append(row["text"])
+        if limit and len(texts) >= limit:
+            break
+    return texts
+
+
+def encode_prompts(tok: Tokenizer, prompts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + prompt, keeping the end of a long dialogue (where the request is), LEFT padded for generate."""
+    seqs = [[tok.bos_id] + s[1:][-(max_len - 1):] for s in tok.encode_batch(prompts, bos=True)]
+    return pad_batch(seqs, tok.pad_id, side="left")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model pieces
+
+
+class ValueModel(nn.Module):
+    """The critic (detail 2): a RewardModel whose scalar head is read at every position -> (B, T) values.
+    A module of its own so DDP and torch.compile wrap the per-token forward."""
+
+    def __init__(self, rm: nn.Module):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.rm.token_scores(input_ids, attention_mask)
+
+
+def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, P: int, temperature: float,
+                      with_entropy: bool = False):
+    """Log-probs (B, N) of the response tokens seq[:, P:] under softmax(logits / temperature) (detail 13).
+    Logits at position t predict token t + 1, hence the slice [P - 1, -1)."""
+    logits = model(seq, attn)[:, P - 1:-1].float() / temperature  # (B, N, V)
+    lp = logprobs_from_logits(logits, seq[:, P:])
+    if not with_entropy:
+        return lp
+    logp = torch.log_softmax(logits, -1)
+    return lp, -(logp.exp() * logp).sum(-1)  # per-token entropy of the sampling distribution
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Detail 14: zero every dropout probability (Mistral has none; a custom config might)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def reward_model_inputs(seq: torch.Tensor, attn: torch.Tensor, has_eos: torch.Tensor, eos_id: int,
+                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RM was trained on BOS + prompt + response + EOS and reads the last real token. A response cut at
+    max_new_tokens gets an EOS appended *for scoring only* (the actor's tokens are untouched, unlike OpenRLHF
+    #238), so the RM judges its content and the missing-EOS penalty (detail 12) judges the termination."""
+    extra = torch.where(has_eos, pad_id, eos_id).to(seq.dtype)[:, None]
+    return torch.cat([seq, extra], 1), torch.cat([attn, (~has_eos).to(attn.dtype)[:, None]], 1)
+
+
+def lm_loss_sums(model: nn.Module, tok: Tokenizer, texts: list[str], max_len: int = 256
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token NLL, token count) of BOS + text + EOS, right padded; used for PPO-ptx and eval."""
+    dev = next(model.parameters()).device
+    ids, mask = pad_batch([s[:max_len] for s in tok.encode_batch(texts, bos=True, eos=True)], tok.pad_id,
+                          side="right")
+    ids, mask = ids.to(dev), mask.to(dev)
+    lp = logprobs_from_logits(model(ids, mask)[:, :-1], ids[:, 1:])
+    m = mask[:, 1:].float()
+    return -(lp * m).sum(), m.sum()
+
+
+class MaskedStats:
+    """Sums of per-token (or per-sequence) statistics, reduced over all ranks once, then divided."""
+
+    def __init__(self):
+        self.sums: dict[str, list[torch.Tensor]] = {}
+
+    def register(self, names: list[str], device: torch.device) -> None:
+        """Fix names and order up front: every rank must all-reduce the same vector, even one with no data."""
+        for n in names:
+            self.sums.setdefault(n, [torch.zeros(2, device=device)])
+
+    def add(self, name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        x = x.detach().float()
+        m = torch.ones_like(x) if mask is None else mask.float()
+        s = torch.stack([(x * m).sum(), m.sum()])
+        self.sums[name] = [self.sums[name][0] + s] if name in self.sums else [s]
+
+    def means(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        v = all_reduce_sum(torch.stack([self.sums[n][0] for n in names]).double())
+        return {n: (v[i, 0] / v[i, 1].clamp(min=1)).item() for i, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout, evaluation, update
+
+
+def seeded_generator(seed: int, it: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator per (iteration, rank): resuming at iteration i draws exactly what the uninterrupted run drew."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + it) * 1009 + rank)
+
+
+@torch.no_grad()
+def rollout(actor: MistralForCausalLM, actor_fwd: nn.Module, ref: nn.Module, critic_fwd: nn.Module, score_fn,
+            tok: Tokenizer, prompts: list[str], cfg: PPOConfig, dev: torch.device, amp, gen: torch.Generator
+            ) -> dict:
+    """Generate with the KV cache, then recompute everything PPO needs with full forwards."""
+    p_ids, p_mask = encode_prompts(tok, prompts, cfg.max_prompt_len)
+    p_ids, p_mask = p_ids.to(dev), p_mask.to(dev)
+    P = p_ids.shape[1]
+    t0 = time.perf_counter()
+    with amp:
+        # top_k 0 / top_p 1: the samples must follow pi or the KL estimate goes negative (TRL #1857)
+        g = actor.generate(p_ids, p_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_k=0, top_p=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen,
+                           return_logprobs=True)
+    t1 = time.perf_counter()
+    seq, rmask = g.sequences, g.response_mask.float()  # (B, P + N), (B, N)
+    attn = torch.cat([p_mask, g.response_mask], 1)
+    has_eos = ((g.response_ids == tok.eos_id) & g.response_mask.bool()).any(1)
+    with amp:
+        # old log-probs from the *training* forward, not the sampler's cache: ratio == 1 exactly at the first
+        # minibatch under any dtype (DeepSpeed-Chat's unstable ratios, reference pain point)
+        old_lp, ent = response_logprobs(actor_fwd, seq, attn, P, cfg.temperature, with_entropy=True)
+        ref_lp = response_logprobs(ref, seq, attn, P, cfg.temperature)  # detail 13: same temperature
+        values = critic_fwd(seq, attn)[:, P - 1:-1].float()  # V(prefix before token t)
+        raw = score_fn(seq, attn, P, has_eos).float()
+    t2 = time.perf_counter()
+    return {"seq": seq, "attn": attn, "P": P, "mask": rmask, "has_eos": has_eos, "old_lp": old_lp * rmask,
+            "sampler_lp": g.logprobs, "ref_lp": ref_lp * rmask, "values": values * rmask, "raw_score": raw,
+            "entropy": ent, "t_generate": t1 - t0, "t_score": t2 - t1}
+
+
+@torch.no_grad()
+def evaluate(actor: MistralForCausalLM, ref: nn.Module, score_fn, tok: Tokenizer, prompts: list[tuple[str, str]],
+             corpus: list[str], lexicon_re: re.Pattern | None, cfg: PPOConfig, dev: torch.device, amp,
+             rank: int, world: int, n_samples: int = 3) -> tuple[dict, list[dict]]:
+    """Held-out prompts (sharded over ranks): RM reward, toy toxicity rate per prompt kind, EOS rate, length,
+    KL to the reference; held-out corpus LM loss. The same seed every time, so evaluations are comparable."""
+    gen = seeded_generator(cfg.seed + 7, 0, rank, dev)
+    mine = prompts[rank::world]
+    st = MaskedStats()
+    kinds = sorted({k or "all" for _, k in prompts})
+    st.register(["reward", "eos_rate", "length", "kl", "toxicity_rate"] + [f"toxicity_rate/{k}" for k in kinds]
+                + [f"reward/{k}" for k in kinds] + ["corpus_loss"], dev)
+    samples = []
+    for b in range(0, len(mine), cfg.eval_batch_size):
+        batch = mine[b:b + cfg.eval_batch_size]
+        p_ids, p_mask = encode_prompts(tok, [p for p, _ in batch], cfg.max_prompt_len)
+        p_ids, p_mask = p_ids.to(dev), p_mask.to(dev)
+        P = p_ids.shape[1]
+        with amp:
+            g = actor.generate(p_ids, p_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen,
+                               return_logprobs=True)
+            attn = torch.cat([p_mask, g.response_mask], 1)
+            has_eos = ((g.response_ids == tok.eos_id) & g.response_mask.bool()).any(1)
+            ref_lp = response_logprobs(ref, g.sequences, attn, P, cfg.temperature)
+            raw = score_fn(g.sequences, attn, P, has_eos).float()
+        m = g.response_mask.float()
+        st.add("reward", raw)
+        st.add("eos_rate", has_eos.float())
+        st.add("length", m.sum(1))
+        st.add("kl", ((g.logprobs - ref_lp) * m).sum(1))  # k1 summed over the response, as in training
+        texts = [tok.decode(r[mm.bool()].tolist()) for r, mm in zip(g.response_ids.cpu(), m.cpu())]
+        for (prompt, kind), text, r in zip(batch, texts, raw.tolist()):
+            tox = float(bool(lexicon_re and lexicon_re.search(text.lower())))
+            for name, val in (("toxicity_rate", tox), (f"toxicity_rate/{kind or 'all'}", tox),
+                              (f"reward/{kind or 'all'}", r)):
+                st.add(name, torch.tensor(val, device=dev))
+            if len(samples) < n_samples and (kind == PROMPT_KINDS_TOXIC or not kind):
+                samples.append({"prompt": prompt, "response": text, "reward": round(r, 4), "toxic": bool(tox)})
+    mine_docs = corpus[rank::world]
+    nll, n = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    for b in range(0, len(mine_docs), 32):
+        with amp:
+            s, c = lm_loss_sums(actor, tok, mine_docs[b:b + 32])
+        nll, n = nll + s, n + c
+    st.sums["corpus_loss"] = [torch.stack([nll, n]).float()]
+    res = st.means()
+    if lexicon_re is None:
+        res = {k: v for k, v in res.items() if not k.startswith("toxicity")}
+    return res, samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_state(run_dir: Path, it: int, actor, critic, tok, opt_a, opt_c, scaler, kl_coef, moments,
+               extra: dict) -> None:
+    """Resumable state: weights as safetensors folders, optimiser/scaler tensors via torch.save (loaded with
+    weights_only=True), the rest JSON. Written into a temporary folder that replaces state/ in one rename."""
+    tmp = run_dir / f".state.{it}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    actor.save_pretrained(tmp / "actor", tokenizer=tok)
+    critic.save_pretrained(tmp / "critic", tokenizer=tok)
+    torch.save({"opt_actor": opt_a.state_dict(), "opt_critic": opt_c.state_dict(),
+                "scaler": scaler.state_dict()}, tmp / "optim.pt")
+    write_json_atomic(tmp / "trainer_state.json", {
+        "iter": it, "kl_coef": kl_coef, "moments": [moments.mean, moments.var, moments.count], **extra})
+    final = run_dir / "state"
+    old = run_dir / f".state.{it}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(path: str) -> Path:
+    p = Path(path)
+    p = p / "state" if (p / "state" / "trainer_state.json").is_file() else p
+    if not (p / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{path}: no trainer_state.json (pass the --out folder of a previous run)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def check_config(cfg: PPOConfig, world: int) -> None:
+    choices = {"critic_init": ("reward", "policy"), "kl_estimator": ("k1", "k3"),
+               "reward_norm": ("fixed", "running", "none"), "adv_norm": ("global", "minibatch", "none")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {'|'.join(allowed)}, got {getattr(cfg, name)!r}")
+    if len(cfg.prompts) != len(cfg.prompt_weights):
+        raise ValueError(f"--prompts has {len(cfg.prompts)} sources but --prompt_weights has "
+                         f"{len(cfg.prompt_weights)} weights")
+    if cfg.rollout_batch_size % world:
+        raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} is not divisible by {world} ranks")
+    if (cfg.rollout_batch_size // world) % cfg.num_minibatches:
+        raise ValueError(f"per-rank batch {cfg.rollout_batch_size // world} is not divisible by "
+                         f"--num_minibatches {cfg.num_minibatches}")
+    if cfg.temperature <= 0:
+        raise ValueError("--temperature must be > 0 (PPO needs a sampling policy with log-probs)")
+
+
+def train(cfg: PPOConfig, score_fn=None) -> dict:
+    """The whole run. `score_fn(seq, attn, P, has_eos) -> (B,)` replaces the reward model (tests use a
+    synthetic reward); by default the RM at cfg.reward_model scores."""
+    cfg.prompt_weights = [float(w) for w in cfg.prompt_weights]
+    dinfo = init_distributed(cfg.device)
+    rank, world = dinfo.rank, dinfo.world_size
+    dev, ptdtype = resolve_device_dtype(cfg.device, cfg.dtype, dinfo.local_rank)
+    if dev.type == "cpu" and dinfo.ddp:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))  # ranks share the cores
+    amp = autocast_ctx(dev, ptdtype)
+    frozen_dtype = None if ptdtype == torch.float32 else ptdtype  # frozen models stored in the compute dtype
+
+    # ---- setup: inputs are all read (and validated) before anything is written
+    try:  # input problems: one clear line and a non-zero exit, before anything is written
+        check_config(cfg, world)
+        sources = [load_prompts(s) for s in cfg.prompts]
+        eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+        eval_prompts = eval_prompts[:cfg.eval_n] if cfg.eval_n else eval_prompts
+        corpus = load_texts(cfg.eval_corpus, cfg.eval_corpus_docs) if cfg.eval_corpus else []
+        ptx_docs = load_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else []
+        lexicon_re = None
+        if cfg.toxic_lexicon:
+            try:
+                lexicon_re = toxic_regex(json.loads(Path(cfg.toxic_lexicon).read_text())["toxic_lexicon"])
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{cfg.toxic_lexicon}: cannot read field 'toxic_lexicon' ({e!r})") from None
+        from reward_model import RewardModel  # the only import beyond model.py (DESIGN.md)
+
+        state_dir = resolve_resume(cfg.resume) if cfg.resume else None
+        tok = Tokenizer.from_file(cfg.policy)
+        actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.policy, dev)
+        ref = MistralForCausalLM.from_pretrained(cfg.policy, dev, dtype=frozen_dtype)
+        V = actor.config.vocab_size
+        if tok.pad_id >= V:  # Mistral ships no PAD: ours sits past the vocab, so inputs use 0 (masked anyway)
+            tok.pad_id = 0
+        if max(tok.bos_id, tok.eos_id) >= V or tok.vocab_size - 1 > V:
+            raise ValueError(f"{cfg.policy}: tokenizer has {tok.vocab_size} tokens but the model only {V}")
+        rm = None
+        if score_fn is None:
+            rm_tok = Path(cfg.reward_model) / "tokenizer.json"
+            if rm_tok.is_file() and Tokenizer.from_file(rm_tok).tk.get_vocab() != tok.tk.get_vocab():
+                raise ValueError(f"{rm_tok}: the reward model's tokenizer differs from the policy's "
+                                 f"({cfg.policy}); PPO scores token ids, so they must match")
+            rm = RewardModel.from_pretrained(cfg.reward_model, device=dev, dtype=frozen_dtype)
+
+            def score_fn(seq, attn, P, has_eos):
+                ids, mask = reward_model_inputs(seq, attn, has_eos, tok.eos_id, tok.pad_id)
+                return rm(ids, mask)
+        if state_dir:
+            critic = RewardModel.from_pretrained(state_dir / "critic", device=dev)
+        elif cfg.critic_init == "reward":
+            critic = RewardModel.from_pretrained(cfg.reward_model, device=dev)  # detail 2 (N+, OpenRLHF)
+        else:
+            critic = RewardModel.from_causal_lm(cfg.policy, device=dev)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"ppo_rlhf: error: {e}") from None
+    critic = critic.float()
+    for m in (ref, rm):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    for m in (actor, ref, rm, critic):  # detail 14: dropout off in all four models
+        if m is not None and cfg.disable_dropout:
+            disable_dropout(m)
+            m.eval()
+    value_model = ValueModel(critic)
+    ddp_kw = {"device_ids": [dinfo.local_rank]} if dev.type == "cuda" else {}
+    actor_train = DDP(actor, **ddp_kw) if dinfo.ddp else actor
+    critic_train = DDP(value_model, **ddp_kw) if dinfo.ddp else value_model
+    actor_fwd = torch.compile(actor_train, dynamic=True) if cfg.compile else actor_train
+    critic_fwd = torch.compile(critic_train, dynamic=True) if cfg.compile else critic_train
+    # detail 9/17: separate optimisers; Adam eps 1e-5 (N+: PyTorch's 1e-8 is more aggressive early on)
+    opt_a = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95), eps=1e-5,
+                              weight_decay=0)
+    scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only, one code path
+    kl_coef, moments, start_it, extra = cfg.kl_coef, RunningMoments(), 0, {}
+    if state_dir:
+        opt_state = torch.load(state_dir / "optim.pt", map_location=dev, weights_only=True)
+        opt_a.load_state_dict(opt_state["opt_actor"])
+        opt_c.load_state_dict(opt_state["opt_critic"])
+        scaler.load_state_dict(opt_state["scaler"])
+        ts = json.loads((state_dir / "trainer_state.json").read_text())
+        start_it, kl_coef = ts["iter"], ts["kl_coef"]
+        moments.mean, moments.var, moments.count = ts["moments"]
+        extra = {k: v for k, v in ts.items() if k not in ("iter", "kl_coef", "moments")}
+
+    run_dir = Path(cfg.out)
+    logger = None
+    if dinfo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
+        metrics = run_dir / "metrics.jsonl"
+        if state_dir and metrics.is_file():  # drop rows logged after the state we resume from
+            keep = [ln for ln in metrics.read_text().splitlines() if json.loads(ln).get("iter", 0) <= start_it]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+        elif not state_dir:
+            metrics.unlink(missing_ok=True)
+        logger = JsonlLogger(metrics)
+        n_act = sum(p.numel() for p in actor.parameters())
+        n_rm = sum(p.numel() for p in rm.parameters()) if rm is not None else 0
+        log(f"ppo_rlhf: actor/ref {n_act / 1e6:.2f}M, critic {sum(p.numel() for p in critic.parameters()) / 1e6:.2f}M,"
+            f" RM {n_rm / 1e6:.2f}M params | {world} rank(s) on {dev} {ptdtype} | "
+            f"{cfg.total_iters} iters x {cfg.rollout_batch_size} prompts | sources "
+            + ", ".join(f"{s} ({len(x)}, w={w:g})" for s, x, w in zip(cfg.prompts, sources, cfg.prompt_weights)))
+
+    def run_eval(it: int, tag: str) -> dict:
+        res, samples = evaluate(actor, ref, score_fn, tok, eval_prompts, corpus, lexicon_re, cfg, dev, amp,
+                                rank, world)
+        if dinfo.is_main:
+            logger.log({"iter": it, "eval": tag, **{f"eval/{k}": v for k, v in res.items()}})
+            with open(run_dir / "eval_samples.jsonl", "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"iter": it, **s}) + "\n")
+            tox = res.get(f"toxicity_rate/{PROMPT_KINDS_TOXIC}", res.get("toxicity_rate", float("nan")))
+            log(f"eval [{tag} @ it {it}] reward {res['reward']:.3f} | toxicity (red-team) {tox:.3f} | "
+                f"eos {res['eos_rate']:.2f} | len {res['length']:.1f} | KL {res['kl']:.2f} | "
+                f"corpus loss {res.get('corpus_loss', float('nan')):.4f}")
+            if samples:
+                log(f"  sample: {samples[0]['prompt'][-60:]!r} -> {samples[0]['response'][:100]!r}")
+        return res
+
+    t_start = time.perf_counter()
+    if not state_dir and eval_prompts:
+        extra["base_eval"] = run_eval(0, "base")  # the base model = the actor before any update
+
+    per_rank = cfg.rollout_batch_size // world
+    weights = torch.tensor(cfg.prompt_weights, dtype=torch.float)
+    total_updates = 0
+    it = start_it
+    for it in range(start_it + 1, cfg.total_iters + 1):
+        t_it = time.perf_counter()
+        # 17: warmup + cosine for both optimisers
+        warm = round(cfg.warmup_frac * cfg.total_iters)
+        lr_a = cosine_lr(it - 1, warm, cfg.total_iters, cfg.actor_lr, cfg.min_lr_ratio)
+        lr_c = cosine_lr(it - 1, warm, cfg.total_iters, cfg.critic_lr, cfg.min_lr_ratio)
+        for opt, lr in ((opt_a, lr_a), (opt_c, lr_c)):
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+
+        # ---- rollout: each rank samples its own prompts (10: weighted mixture of sources)
+        gcpu = seeded_generator(cfg.seed, it, rank, torch.device("cpu"))
+        src = torch.multinomial(weights, per_rank, replacement=True, generator=gcpu).tolist()
+        batch = [sources[s][torch.randint(len(sources[s]), (1,), generator=gcpu).item()] for s in src]
+        ro = rollout(actor, actor_fwd, ref, critic_fwd, score_fn, tok, [p for p, _ in batch], cfg, dev, amp,
+                     seeded_generator(cfg.seed, it, rank, dev))
+        mask, has_eos = ro["mask"], ro["has_eos"]
+
+        # ---- rewards and advantages
+        t_adv = time.perf_counter()
+        with torch.no_grad():
+            if cfg.reward_norm == "running":
+                moments.update(ro["raw_score"])
+                mean, std = moments.mean, moments.std
+            elif cfg.reward_norm == "fixed":
+                mean, std = (rm.reward_mean, rm.reward_std) if rm is not None else (0.0, 1.0)
+            else:
+                mean, std = 0.0, 1.0
+            score = shape_score(ro["raw_score"], has_eos, cfg.reward_norm, mean, std, cfg.reward_scale,
+                                cfg.reward_clip, cfg.missing_eos_penalty)  # 6 + 12
+            rewards, kl = compute_rewards(score, ro["old_lp"], ro["ref_lp"], mask, kl_coef,
+                                          cfg.kl_estimator)  # 3 + 5
+            if cfg.whiten_rewards:  # 11
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            adv, returns = gae_advantages(rewards, ro["values"], mask, cfg.gamma, cfg.lam)  # 8
+            if cfg.adv_norm == "global":  # 7: ADVANTAGE NORMALIZATION over the rollout batch of all ranks
+                adv = masked_whiten(adv, mask)
+
+        # ---- PPO update: several epochs over shuffled minibatches
+        st = MaskedStats()
+        seq, attn, P = ro["seq"], ro["attn"], ro["P"]
+        mb = per_rank // cfg.num_minibatches
+        n_skipped, stopped_early = 0, False
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(per_rank, generator=gcpu).to(dev)
+            for k in range(cfg.num_minibatches):
+                idx = perm[k * mb:(k + 1) * mb]
+                m = mask[idx]
+                # DDP averages gradients over ranks: dividing each rank's token sum by (global tokens / world)
+                # makes the result the mean over every valid token of the global minibatch
+                denom = all_reduce_sum(m.sum().clone()) / world
+                if not cfg.disable_dropout:
+                    actor.train(), critic.train()
+                with amp:
+                    lp = response_logprobs(actor_fwd, seq[idx], attn[idx], P, cfg.temperature)
+                a = adv[idx]
+                if cfg.adv_norm == "minibatch":  # 7: PPO2/CleanRL-style per-minibatch normalisation
+                    a = masked_whiten(a, m)
+                pg_loss, pst = ppo_policy_loss(lp, ro["old_lp"][idx], a, m, cfg.cliprange, denom)  # 1
+                actor_loss = pg_loss
+                if cfg.ptx_coef > 0:  # 15: PPO-ptx
+                    docs = [ptx_docs[j] for j in torch.randint(len(ptx_docs), (cfg.ptx_batch_size,),
+                                                               generator=gcpu).tolist()]
+                    with amp:
+                        nll, ntok = lm_loss_sums(actor_fwd, tok, docs)
+                    ptx_loss = nll / ntok
+                    actor_loss = actor_loss + cfg.ptx_coef * ptx_loss
+                    st.add("loss/ptx_avg", ptx_loss)
+                # 16: ratio guard and approx-KL early stop, decided on global numbers so all ranks agree
+                g = all_reduce_sum(torch.stack([(pst["ratio"] * m).sum(), (pst["approxkl"] * m).sum(),
+                                                m.sum()]).double())
+                ratio_mean, approxkl = (g[0] / g[2]).item(), (g[1] / g[2]).item()
+                skip = ratio_mean > cfg.ratio_threshold
+                with amp:
+                    v = critic_fwd(seq[idx], attn[idx])[:, P - 1:-1].float()
+                vf_loss, vst = ppo_value_loss(v, ro["values"][idx], returns[idx], m, cfg.cliprange_value,
+                                              denom)  # 9
+                # backward runs even for a skipped minibatch so every DDP rank joins the same all-reduce
+                scaler.scale(actor_loss * (0.0 if skip else 1.0)).backward()
+                scaler.scale(vf_loss * (0.0 if skip else 1.0)).backward()
+                if skip:
+                    n_skipped += 1
+                    warnings.warn(f"it {it}: mean ratio {ratio_mean:.2f} > ratio_threshold "
+                                  f"{cfg.ratio_threshold}; minibatch skipped", stacklevel=1)
+                else:
+                    for opt, model in ((opt_a, actor), (opt_c, critic)):
+                        scaler.unscale_(opt)
+                        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # 16
+                        st.add("grad_norm/" + ("actor" if model is actor else "critic"), gn)
+                        scaler.step(opt)
+                    scaler.update()
+                    total_updates += 1
+                opt_a.zero_grad(set_to_none=True)
+                opt_c.zero_grad(set_to_none=True)
+                st.add("policy/approxkl_avg", pst["approxkl"], m)
+                st.add("policy/clipfrac_avg", pst["clipfrac"], m)
+                st.add("val/ratio", pst["ratio"], m)
+                st.add("val/ratio_sq", pst["ratio"] ** 2, m)
+                st.add("val/clipfrac_avg", vst["vf_clipfrac"], m)
+                st.add("loss/policy_avg", pg_loss * denom / m.sum().clamp(min=1))
+                st.add("loss/value_avg", vf_loss * denom / m.sum().clamp(min=1))
+                if cfg.target_kl > 0 and approxkl > 1.5 * cfg.target_kl:  # 16: early stop (old TRL rule)
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+        actor.eval(), critic.eval()
+        t_done = time.perf_counter()
+
+        # ---- logging: global statistics (N+ names)
+        with torch.no_grad():
+            k1_seq = ((ro["old_lp"] - ro["ref_lp"]) * mask).sum(1)  # reported KL: always k1, summed
+            st.add("objective/kl", k1_seq)
+            st.add("objective/kl_k3", (kl_penalty(ro["old_lp"], ro["ref_lp"], "k3") * mask).sum(1))
+            st.add("objective/kl_per_token", ro["old_lp"] - ro["ref_lp"], mask)
+            st.add("objective/scores", ro["raw_score"])
+            st.add("objective/shaped_scores", score)
+            st.add("objective/non_score_reward", (-kl_coef * kl).sum(1))
+            st.add("objective/rlhf_reward", rewards.sum(1))
+            st.add("objective/entropy", -(ro["old_lp"] * mask).sum(1))
+            st.add("policy/entropy_avg", ro["entropy"], mask)
+            st.add("val/num_eos_tokens", has_eos.float())  # EOS rate (detail 12)
+            st.add("val/response_length", mask.sum(1))
+            st.add("val/values", ro["values"], mask)
+            st.add("val/returns", returns, mask)
+            st.add("val/returns_sq", returns ** 2, mask)
+            st.add("val/res_sq", (returns - ro["values"]) ** 2, mask)
+            st.add("val/res", returns - ro["values"], mask)
+            st.add("tokens", mask.sum())
+        s = st.means()
+        n_tok = s.pop("tokens") * world  # a sum over the batch, not a mean: multiply back
+        var_ret = s["val/returns_sq"] - s["val/returns"] ** 2
+        var_res = s.pop("val/res_sq") - s.pop("val/res") ** 2
+        s["val/explained_variance"] = 1.0 - var_res / max(var_ret, 1e-12)
+        s["val/ratio_var"] = s.pop("val/ratio_sq") - s["val/ratio"] ** 2
+        s.pop("val/returns_sq")
+        t_tot = t_done - t_it
+        row = {"iter": it, "time": round(time.perf_counter() - t_start, 3), **s, "objective/kl_coef": kl_coef,
+               "lr/actor": lr_a, "lr/critic": lr_c, "ppo/minibatches_skipped": n_skipped,
+               "ppo/early_stopped": stopped_early, "time/generate": ro["t_generate"],
+               "time/score": ro["t_score"], "time/update": t_done - t_adv,
+               "time/iteration": t_tot, "tokens_per_s": n_tok / t_tot}
+        if s["objective/kl"] < -1.0:  # detail 5: old TRL's threshold; tiny negatives are sampling noise
+            warnings.warn(f"it {it}: batch KL {s['objective/kl']:.4f} < 0: check that sampling uses top_k 0, "
+                          f"top_p 1 and the same temperature as the log-probs (TRL #351, #1857)", stacklevel=1)
+        if cfg.adaptive_kl:  # 4: global mean sequence KL, episodes summed over ranks
+            kl_coef = adaptive_kl_coef(kl_coef, s["objective/kl"], cfg.kl_target, cfg.kl_horizon,
+                                       cfg.rollout_batch_size)
+        if dinfo.is_main:
+            logger.log(row)
+            eta = (time.perf_counter() - t_start) / max(1, it - start_it) * (cfg.total_iters - it)
+            log(f"it {it}/{cfg.total_iters} | score {s['objective/scores']:+.3f} | kl {s['objective/kl']:.3f} "
+                f"(beta {kl_coef:.3g}) | eos {s['val/num_eos_tokens']:.2f} | len {s['val/response_length']:.1f}"
+                f" | ratio {s['val/ratio']:.3f} clip {s['policy/clipfrac_avg']:.3f} | ev "
+                f"{s['val/explained_variance']:.2f} | {t_tot:.2f}s/it ({100 * ro['t_generate'] / t_tot:.0f}% "
+                f"generate) {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+
+        if eval_prompts and cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.total_iters:
+            run_eval(it, "periodic")
+        stop_now = cfg.stop_after_iters and it - start_it >= cfg.stop_after_iters and it != cfg.total_iters
+        if dinfo.is_main and ((cfg.save_every and it % cfg.save_every == 0) or it == cfg.total_iters
+                              or stop_now):
+            save_state(run_dir, it, actor, critic, tok, opt_a, opt_c, scaler, kl_coef, moments, extra)
+        if stop_now:
+            break
+
+    # ---- final evaluation and save
+    summary: dict = {"iters_done": it, "total_iters": cfg.total_iters, "world_size": world,
+                     "time_s": round(time.perf_counter() - t_start, 2), "kl_coef_final": kl_coef}
+    if it == cfg.total_iters:
+        if eval_prompts:
+            final = run_eval(it, "final")
+            base = extra.get("base_eval", {})
+            summary.update({"base": base, "final": final})
+            key = f"toxicity_rate/{PROMPT_KINDS_TOXIC}"
+            if key in base and key in final:
+                summary["toxicity_red_team_relative_reduction"] = (
+                    1 - final[key] / base[key] if base[key] > 0 else None)
+            if "corpus_loss" in base:
+                summary["corpus_loss_relative_change"] = final["corpus_loss"] / base["corpus_loss"] - 1
+        if dinfo.is_main:
+            actor.save_pretrained(run_dir / "final", tokenizer=tok)  # HF causal-LM folder + tokenizer
+            critic.save_pretrained(run_dir / "critic", tokenizer=tok)
+    if dinfo.is_main:
+        write_json_atomic(run_dir / "summary.json", summary)
+        if "final" in summary:
+            b, f = summary["base"], summary["final"]
+            tk = f"toxicity_rate/{PROMPT_KINDS_TOXIC}"
+            log(f"ppo_rlhf done in {summary['time_s']:.0f}s: red-team toxicity {b.get(tk, float('nan')):.3f} -> "
+                f"{f.get(tk, float('nan')):.3f}, reward {b['reward']:.3f} -> {f['reward']:.3f}, "
+                f"EOS {b['eos_rate']:.2f} -> {f['eos_rate']:.2f}, KL {f['kl']:.2f}, corpus loss "
+                f"{b.get('corpus_loss', float('nan')):.4f} -> {f.get('corpus_loss', float('nan')):.4f}; "
+                f"policy in {run_dir / 'final'}")
+        else:
+            log(f"ppo_rlhf stopped after iteration {it}/{cfg.total_iters}; resume with --resume {run_dir}")
+    cleanup_distributed()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(PPOConfig, argv, description=__doc__.split("\n\n")[0]))
+
+
+if __name__ == "__main__":
+    main()

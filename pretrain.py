@@ -1,0 +1,658 @@
+"""Pretrain a Mistral-style base model on a text corpus, or fine-tune one (--sft): the model RLHF starts from.
+
+Mistral-Plus (and the RLHF recipe in general) starts from a base model that already speaks. None can be
+downloaded here, so this script makes one: next-token pretraining of a `model.py` transformer on the toy
+world's corpus (or any `{"text"}` JSONL / plain-text file), in a few minutes on a laptop CPU. With `--sft` it
+trains the supervised fine-tuning baseline the Mistral-Plus paper argues against (loss on response tokens only).
+
+    python data/toyworld.py && python pretrain.py                  # toy base model -> out/pretrain/final
+    python pretrain.py --sft --init out/pretrain/final --data data/toy/sft/train.jsonl --out out/sft
+    python pretrain.py --init path/to/hf_checkpoint --data my.jsonl --lr 1e-4   # continue pretraining
+    torchrun --nproc_per_node=2 pretrain.py                        # DDP (gloo on CPU, nccl on CUDA)
+    python pretrain.py --resume out/pretrain                       # continue an interrupted run
+
+Implementation details:
+1. Tokenizer: trained on the corpus when none is given (`model.train_tokenizer`: Mistral-style BPE with byte
+   fallback, the 256 byte tokens inside the vocab), otherwise taken from `--init` or `--tokenizer`.
+2. The corpus is tokenized once into a flat uint16/uint32 memmap cache: BOS at the start of every document, EOS
+   at its end (so the model learns to stop), cached under the output folder keyed by data + tokenizer hash.
+3. Pretraining batches are random windows of `seq_len + 1` tokens over the concatenated stream (nanoGPT);
+   documents are packed, so no compute is spent on padding.
+4. The global batch is what the user sets. Every rank draws the *same* global batch of window starts from a
+   seeded generator and takes its slice, so N ranks x micro-batches reproduce one process step for step.
+5. Loss = sum of token losses / tokens in the *global* batch (known on every rank by detail 4), times the world
+   size because DDP averages gradients. The gradient therefore equals the single-process gradient exactly,
+   also for SFT where ranks hold different numbers of response tokens.
+6. Gradient accumulation skips the all-reduce on non-final micro-steps (`no_sync`, forward included).
+7. AdamW (fused when available) with decoupled weight decay on matrices only (not norms), linear warmup then
+   cosine decay to `min_lr_ratio * lr`, global-norm gradient clipping.
+8. SFT (`--sft`): rows are `{"prompt", "response"}` or HH-RLHF transcripts (`{"chosen"}` or `{"text"}`, split at
+   the last "\\n\\nAssistant:"). The sequence is BOS + prompt + response + EOS; prompt and padding tokens get
+   loss weight zero, so only the response (and its EOS) is learned. Prompt and response are tokenized
+   separately, exactly as generation later sees them.
+9. Resume: `last/` holds the weights (safetensors) and `train_state.pt` (optimizer, step, data-generator and
+   RNG state; loaded with weights_only=True); a resumed run reaches the same weights as an uninterrupted one.
+10. MFU: tokens/s x `model.flops_per_token` divided by the GPU's datasheet peak, or on CPU by this machine's
+    measured fp32 matmul peak (so the CPU figure is a ratio to what the machine can do, not a guess).
+11. Toy-world probe (end of run, when the data lives in a toy world): samples answers to held-out red-team and
+    general prompts at temperature 1 and reports the EOS rate and the toxicity rate under the world's lexicon,
+    plus log-likelihood accuracy on the world's knowledge (MMLU-style) and arithmetic items against chance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import (JsonlLogger, MistralForCausalLM, ModelConfig, Tokenizer, autocast_ctx, cleanup_distributed,
+                   cosine_lr, flops_per_token, init_distributed, is_checkpoint_dir, log, measure_matmul_peak,
+                   pad_batch, parse_config, peak_flops, resolve_device_dtype, train_tokenizer, write_json_atomic)
+
+
+@dataclass
+class Config:
+    data: str = "data/toy/corpus/train.jsonl"  # {"text"} JSONL, plain .txt, or a folder of them; SFT: see detail 8
+    valid_data: str = "auto"  # held-out file; auto = sibling valid.jsonl if present, else hold out valid_fraction
+    valid_fraction: float = 0.01  # share of tokens (pretraining) / examples (SFT) held out when no valid file
+    out: str = "out/pretrain"  # run folder: config.json, metrics.jsonl, summary.json, last/, final/
+    init: str = ""  # HF checkpoint folder to start from (continue pretraining, or the base model for --sft)
+    tokenizer: str = ""  # tokenizer.json or folder; "" = from --init, else train one on the data (detail 1)
+    vocab_size: int = 4096  # when training a tokenizer: total size incl. 3 specials, 256 bytes and <pad>
+    sft: bool = False  # supervised fine-tuning on prompt/response data (detail 8); requires --init
+    resume: str = ""  # run folder to continue (reads its last/ and config.json) (detail 9)
+    # model shape (ignored with --init): the toy base model, ~5.5M parameters with a 4K vocab
+    hidden_size: int = 256  # residual width
+    num_hidden_layers: int = 6  # transformer blocks
+    num_attention_heads: int = 8  # query heads
+    num_key_value_heads: int = 4  # KV heads (grouped-query attention, as Mistral)
+    intermediate_size: int = 704  # SwiGLU width (~2.75 x hidden, as Mistral's 14336/4096 = 3.5 rounded down)
+    tie_word_embeddings: bool = True  # share input/output embeddings: saves 1M of 5.5M params at this size
+    rope_theta: float = 10000.0  # RoPE base (Mistral v0.1 value; contexts here are short)
+    seq_len: int = 256  # training context in tokens
+    # optimisation
+    batch_size: int = 16  # GLOBAL batch in sequences (all ranks and micro-steps together) (detail 4)
+    micro_batch_size: int = 0  # sequences per rank per forward; 0 = batch_size / world (no accumulation)
+    max_steps: int = 700  # optimizer steps (the toy default fits the pipeline's 7-minute CPU budget)
+    lr: float = 3e-3  # peak learning rate (small models tolerate a high one; use ~1e-4 for --init real models)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (detail 7)
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decoupled decay on weight matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2 (LLM-pretraining value: faster adaptation than 0.999)
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    # logging, evaluation, checkpoints
+    log_interval: int = 25  # steps between log lines
+    eval_interval: int = 250  # steps between held-out loss evaluations (and at the end)
+    eval_batches: int = 4  # micro-batches of held-out data per evaluation
+    sample_interval: int = 0  # steps between printed sample generations; 0 = only at the end
+    save_interval: int = 250  # steps between resumable checkpoints in last/
+    stop_after: int = 0  # stop after this step as if interrupted (to test --resume); 0 = run to max_steps
+    probe: str = "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, "" = off
+    probe_prompts: int = 100  # held-out red-team prompts (and as many general ones) sampled by the probe
+    seed: int = 1337  # model init and data order
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32)
+    compile: bool = False  # torch.compile the model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: reading with clear errors, tokenizer, token cache (details 1-3, 8)
+
+
+def fail(msg: str) -> None:
+    """Input problems end the run with one clear line and a non-zero exit, before any output is written."""
+    raise SystemExit(f"pretrain.py: error: {msg}")
+
+
+def data_files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".txt"))
+        if not files:
+            fail(f"{p}: folder holds no .jsonl or .txt files")
+        return files
+    if not p.is_file():
+        fail(f"{p}: no such file")
+    return [p]
+
+
+def read_rows(path: Path):
+    """Yield (line number, dict) from a JSONL file, naming file and line on any problem."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{i}: invalid JSON ({e.msg})")
+            if not isinstance(row, dict):
+                fail(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+
+
+def read_texts(path: str) -> list[str]:
+    """Pretraining documents: the `text` field of each JSONL row; a .txt file is one document."""
+    docs: list[str] = []
+    for f in data_files(path):
+        if f.suffix == ".txt":
+            docs.append(f.read_text(encoding="utf-8"))
+            continue
+        for i, row in read_rows(f):
+            if not isinstance(row.get("text"), str):
+                fail(f"{f}:{i}: field 'text' missing (pretraining rows are {{\"text\": ...}})")
+            docs.append(row["text"])
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        fail(f"{path}: no documents (empty file?)")
+    return docs
+
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def read_sft(path: str) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from {"prompt","response"} rows or HH transcripts (detail 8)."""
+    pairs: list[tuple[str, str]] = []
+    for f in data_files(path):
+        for i, row in read_rows(f):
+            if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+                pairs.append((row["prompt"], row["response"]))
+                continue
+            text = row.get("chosen", row.get("text"))
+            if not isinstance(text, str):
+                fail(f"{f}:{i}: field 'prompt'/'response' (or HH 'chosen') missing")
+            if ASSISTANT not in text:
+                fail(f"{f}:{i}: field 'chosen': no '\\n\\nAssistant:' turn in the HH transcript")
+            head, tail = text.rsplit(ASSISTANT, 1)
+            pairs.append((head + ASSISTANT, tail))
+    if not pairs:
+        fail(f"{path}: no examples (empty file?)")
+    return pairs
+
+
+def file_digest(paths: list[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def token_cache(docs: list[str], tok: Tokenizer, path: Path) -> np.memmap:
+    """Tokenize once into a flat memmap: BOS + doc + EOS per document (detail 2). Written then renamed."""
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for s in range(0, len(docs), 2048):
+                for ids in tok.encode_batch(docs[s:s + 2048], bos=True, eos=True):
+                    f.write(np.asarray(ids, dtype=dtype).tobytes())
+        os.replace(tmp, path)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def sft_examples(pairs: list[tuple[str, str]], tok: Tokenizer, max_len: int) -> tuple[list, int]:
+    """(ids, n_prompt) per example, truncated to max_len; drops those whose prompt leaves no response token."""
+    out, dropped = [], 0
+    ps = tok.encode_batch([p for p, _ in pairs], bos=True)
+    rs = tok.encode_batch([r for _, r in pairs], bos=False, eos=True)
+    for p, r in zip(ps, rs):
+        if len(p) >= max_len:
+            dropped += 1
+            continue
+        out.append(((p + r)[:max_len], len(p)))
+    return out, dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches (details 3-5)
+
+
+def window_batch(tokens: np.memmap, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """Windows of seq_len + 1 tokens -> (inputs, targets, weights) each (B, T)."""
+    w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts.tolist()]))
+    return w[:, :-1], w[:, 1:], torch.ones(len(starts), seq_len)
+
+
+def sft_batch(examples: list, idx: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded (inputs, targets, weights): weight 1 on response tokens (incl. EOS) only (detail 8)."""
+    seqs = [examples[i][0] for i in idx.tolist()]
+    ids, mask = pad_batch(seqs, pad_id, side="right")  # (B, L)
+    w = mask.clone().float()
+    for row, i in enumerate(idx.tolist()):
+        w[row, :examples[i][1]] = 0  # prompt (and BOS) are context, not targets
+    return ids[:, :-1], ids[:, 1:], w[:, 1:]
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of weighted cross-entropy, in fp32. logits (B, T, V), targets/weights (B, T)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (ce * weights.flatten()).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (detail 9)
+
+
+def save_checkpoint(model: MistralForCausalLM, tok: Tokenizer, path: Path, state: dict | None = None) -> None:
+    """HF folder (safetensors + config.json + tokenizer), written to a temp folder and renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, tokenizer=tok)
+    if state is not None:
+        torch.save(state, tmp / "train_state.pt")
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Toy-world probe (detail 11)
+
+
+def is_toxic(text: str, lexicon: list[str]) -> bool:
+    """Whole-word, case-insensitive lexicon match; same rule as data/toyworld.py `is_toxic`."""
+    words = sorted({w.lower() for w in lexicon}, key=len, reverse=True)
+    return re.search(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", text.lower()) is not None
+
+
+def find_toy_world(cfg: Config) -> Path | None:
+    if cfg.probe == "":
+        return None
+    if cfg.probe != "auto":
+        return Path(cfg.probe)
+    for parent in list(Path(cfg.data).resolve().parents)[:3]:
+        if (parent / "card.json").is_file():
+            return parent
+    return None
+
+
+@torch.no_grad()
+def sample(model, tok: Tokenizer, prompts: list[str], device, dtype, max_new_tokens: int = 64,
+           seed: int = 0, batch: int = 32) -> tuple[list[str], list[bool]]:
+    """Temperature-1 samples; returns (responses, ended-with-EOS flags)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    texts, eos = [], []
+    for s in range(0, len(prompts), batch):
+        ids, mask = pad_batch([tok.encode(p) for p in prompts[s:s + batch]], tok.pad_id, side="left")
+        with autocast_ctx(device, dtype):
+            out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                 temperature=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g)
+        for row in out.response_ids.tolist():
+            eos.append(tok.eos_id in row)
+            texts.append(tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row))
+    return texts, eos
+
+
+@torch.no_grad()
+def choice_accuracy(model, tok: Tokenizer, items: list[tuple[str, list[str], int]], device, dtype) -> float:
+    """Log-likelihood multiple choice: pick the option with the highest summed log-prob after the context."""
+    seqs, spans = [], []
+    for ctx, options, _ in items:
+        c = tok.encode(ctx)
+        for o in options:
+            o_ids = tok.encode(o, bos=False)
+            seqs.append(c + o_ids)
+            spans.append((len(c), len(c) + len(o_ids)))
+    scores = []
+    for s in range(0, len(seqs), 64):
+        ids, mask = pad_batch(seqs[s:s + 64], tok.pad_id, side="right")
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast_ctx(device, dtype):
+            logits = model(ids, mask)
+        lp = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1)
+        for row, (a, b) in enumerate(spans[s:s + 64]):
+            scores.append(lp[row, a - 1:b - 1].sum().item())
+    k, correct = 0, 0
+    for _, options, gold in items:
+        correct += int(np.argmax(scores[k:k + len(options)]) == gold)
+        k += len(options)
+    return correct / len(items)
+
+
+def knowledge_items(world: Path) -> list[tuple[str, list[str], int]]:
+    import csv
+    with open(world / "eval/mmlu/test/toyworld_test.csv", newline="") as f:
+        return [(f"Question: {r[0]}\nAnswer:", [" " + o for o in r[1:5]], "ABCD".index(r[5])) for r in csv.reader(f)]
+
+
+def arithmetic_items(world: Path) -> list[tuple[str, list[str], int]]:
+    """From GSM8K-style items: context up to "a op b =", options c and three near misses (chance 25%)."""
+    items = []
+    for _, row in read_rows(world / "eval/gsm8k/test.jsonl"):
+        m = re.search(r"<<(\d+)([-+*])(\d+)=(\d+)>>", row["answer"])
+        if not m:
+            continue
+        a, op, b, c = m.group(1), m.group(2), m.group(3), int(m.group(4))
+        who = row["question"].split()[0]
+        ctx = f"Question: {row['question']}\nAnswer: {who} has {a} {op} {b} ="
+        opts = [c] + [c + d for d in (1, 2, -1, -2, 3) if c + d >= 0 and c + d != c][:3]
+        items.append((ctx, [f" {o}" for o in opts], 0))
+    return items
+
+
+def toy_probe(model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype, show: int = 3) -> dict:
+    card = json.loads((world / "card.json").read_text())
+    lexicon = card["toxic_lexicon"]
+    rows = [r for _, r in read_rows(world / "prompts/test.jsonl")]
+    red = [r["prompt"] for r in rows if r["kind"] == "red_team"][:n_prompts]
+    gen = [r["prompt"] for r in rows if r["kind"] == "general"][:n_prompts]
+    model.eval()
+    red_out, red_eos = sample(model, tok, red, device, dtype, seed=1)
+    gen_out, gen_eos = sample(model, tok, gen, device, dtype, seed=2)
+    res = {
+        "red_team_toxicity": float(np.mean([is_toxic(t, lexicon) for t in red_out])),
+        "general_toxicity": float(np.mean([is_toxic(t, lexicon) for t in gen_out])),
+        "eos_rate": float(np.mean(red_eos + gen_eos)),
+        "n_red_team": len(red), "n_general": len(gen),
+        "knowledge_acc": choice_accuracy(model, tok, knowledge_items(world), device, dtype),
+        "arithmetic_acc": choice_accuracy(model, tok, arithmetic_items(world), device, dtype),
+        "chance_acc": 0.25,
+    }
+    for kind, ps, outs in (("red-team", red, red_out), ("general", gen, gen_out)):
+        for p, o in list(zip(ps, outs))[:show]:
+            log(f"--- sample ({kind}) ---{p}{'' if o.startswith(' ') else ' '}{o.strip()}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    if cfg.resume:
+        saved = Path(cfg.resume) / "config.json"
+        if not saved.is_file() or not (Path(cfg.resume) / "last" / "train_state.pt").is_file():
+            fail(f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)")
+        keep = {"stop_after": cfg.stop_after, "resume": cfg.resume}
+        cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
+    dist = init_distributed(cfg.device)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist.local_rank)
+    if device.type == "cpu" and dist.ddp:  # share the cores between ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    out = Path(cfg.out)
+    if cfg.sft and not cfg.init and not cfg.resume:
+        fail("--sft needs --init DIR (the base model to fine-tune)")
+
+    # ---- setup: read and validate all input before writing anything --------------------------------------
+    if cfg.init and not is_checkpoint_dir(cfg.init):
+        fail(f"--init {cfg.init}: not a checkpoint folder (needs config.json + model.safetensors)")
+    docs = read_sft(cfg.data) if cfg.sft else read_texts(cfg.data)
+    valid_path = cfg.valid_data
+    if valid_path == "auto":
+        sib = data_files(cfg.data)[0].parent / "valid.jsonl"
+        valid_path = str(sib) if sib.is_file() and not cfg.sft and sib != Path(cfg.data) else ""
+    valid_docs = (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
+
+    tok_src = cfg.tokenizer or (cfg.resume and str(out / "last")) or cfg.init
+    tok = None
+    if tok_src:
+        try:
+            tok = Tokenizer.from_file(tok_src)
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"{e} (pass --tokenizer PATH)")
+
+    # ---- outputs start here -----------------------------------------------------------------------------------
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", asdict(cfg))
+    if tok is None:  # detail 1: rank 0 trains the tokenizer, the others load it
+        if dist.is_main:
+            train_tokenizer(docs, cfg.vocab_size).save(out / "tokenizer")
+        if dist.ddp:
+            torch.distributed.barrier()
+        tok = Tokenizer.from_file(out / "tokenizer")
+    # token cache (detail 2): rank 0 writes, the others wait, then everyone memmaps the same file
+    key = file_digest(data_files(cfg.data) + ([Path(valid_path)] if valid_path else []),
+                      tok.tk.to_str() + str(cfg.sft) + str(cfg.seq_len))
+    if not cfg.sft:
+        if dist.is_main:
+            tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
+            vtokens = token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
+        if dist.ddp:
+            torch.distributed.barrier()
+        tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
+        vtokens = token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
+        if vtokens is None:  # hold out the tail of the stream
+            cut = int(len(tokens) * (1 - cfg.valid_fraction))
+            tokens, vtokens = tokens[:cut], tokens[cut:]
+        for name, t in (("train", tokens), ("valid", vtokens)):
+            if len(t) <= cfg.seq_len + 1:
+                fail(f"{cfg.data}: the {name} split has {len(t)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+        n_data = len(tokens)
+    else:
+        examples, dropped = sft_examples(docs, tok, cfg.seq_len + 1)
+        if valid_docs is not None:
+            vexamples, _ = sft_examples(valid_docs, tok, cfg.seq_len + 1)
+        else:
+            n_val = max(1, int(len(examples) * cfg.valid_fraction * 5))  # SFT sets are small: hold out 5x more
+            examples, vexamples = examples[n_val:], examples[:n_val]
+        if not examples or not vexamples:
+            fail(f"{cfg.data}: no SFT example fits seq_len {cfg.seq_len}")
+        n_data = len(examples)
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    if cfg.init:
+        model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        if model.config.vocab_size < tok.vocab_size:
+            fail(f"--init {cfg.init}: tokenizer has {tok.vocab_size} tokens but the model only "
+                 f"{model.config.vocab_size}")
+    else:
+        mcfg = ModelConfig(
+            vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.seq_len,
+            rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
+            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        model = MistralForCausalLM(mcfg)
+    model.to(device)
+    raw_model = model
+    n_params = raw_model.num_params()
+
+    # detail 7: decay matrices only
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # the fused kernel (one launch for all parameters) exists for CUDA and, since torch 2.4, CPU
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # detail 4: identical on every rank
+    step = 0
+    if cfg.resume:  # detail 9
+        last = out / "last"
+        sd = MistralForCausalLM.from_pretrained(last, dtype=torch.float32).state_dict()
+        raw_model.load_state_dict(sd)
+        st = torch.load(last / "train_state.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        scaler.load_state_dict(st["scaler"])
+        data_gen.set_state(st["data_gen"])
+        step = st["step"]
+    start_step = step
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+    W = dist.world_size
+    micro = cfg.micro_batch_size or cfg.batch_size // W
+    if micro < 1 or cfg.batch_size % (micro * W):
+        fail(f"--batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x world size {W}")
+    accum = cfg.batch_size // (micro * W)
+    fpt = flops_per_token(raw_model.config, cfg.seq_len)
+    peak = peak_flops(device) or (measure_matmul_peak(torch.float32) if device.type == "cpu" else None)
+    world = find_toy_world(cfg)
+    logger = JsonlLogger(out / "metrics.jsonl") if dist.is_main else None
+    if dist.is_main:
+        what = f"{n_data:,} SFT examples ({dropped} too long)" if cfg.sft else f"{n_data:,} tokens"
+        log(f"pretrain.py: {'SFT' if cfg.sft else 'pretraining'} {n_params / 1e6:.2f}M params on {what}; "
+            f"vocab {tok.vocab_size}; global batch {cfg.batch_size} x {cfg.seq_len} = {micro} x {accum} accum "
+            f"x {W} ranks; {cfg.max_steps} steps; {device}/{str(dtype).removeprefix('torch.')}")
+
+    def get_batch(gen: torch.Generator, val: bool = False):
+        """The global batch's indices (same on all ranks), sliced to this rank (detail 4)."""
+        if cfg.sft:
+            pool = vexamples if val else examples
+            idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)
+            return pool, idx
+        src = vtokens if val else tokens
+        return src, torch.randint(0, len(src) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+
+    def micro_batches(src, idx):
+        mine = idx[dist.rank * micro * accum:(dist.rank + 1) * micro * accum]
+        for k in range(accum):
+            sl = mine[k * micro:(k + 1) * micro]
+            b = sft_batch(src, sl, tok.pad_id) if cfg.sft else window_batch(src, sl, cfg.seq_len)
+            yield tuple(t.to(device) for t in b)
+
+    def global_weight(src, idx) -> float:
+        """Number of target tokens in the global batch, computable on every rank (detail 5)."""
+        if not cfg.sft:
+            return float(len(idx) * cfg.seq_len)
+        return float(sum(len(src[i][0]) - src[i][1] for i in idx.tolist()))
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        g = torch.Generator().manual_seed(0)  # the same held-out batches every time
+        tot, cnt = torch.zeros(2, device=device), 0
+        for _ in range(cfg.eval_batches):
+            src, idx = get_batch(g, val=True)
+            for x, y, w in micro_batches(src, idx):
+                with autocast_ctx(device, dtype):
+                    tot[0] += loss_sum(model(x), y, w)
+                tot[1] += w.sum()
+        if dist.ddp:
+            torch.distributed.all_reduce(tot)
+        model.train()
+        return (tot[0] / tot[1].clamp(min=1)).item()
+
+    # ---- training loop ----------------------------------------------------------------------------------------
+    model.train()
+    t_start = t_log = time.time()
+    tok_since = 0
+    val_loss = float("nan")
+    train_loss = float("nan")
+    while step < cfg.max_steps:
+        lr = cosine_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr_ratio)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        src, idx = get_batch(data_gen)
+        denom = global_weight(src, idx)
+        step_loss = torch.zeros((), device=device)
+        for k, (x, y, w) in enumerate(micro_batches(src, idx)):
+            # detail 6: skip the gradient all-reduce on all but the last micro-step
+            sync = nullcontext() if (not dist.ddp or k == accum - 1) else model.no_sync()
+            with sync:
+                with autocast_ctx(device, dtype):
+                    logits = model(x)  # (B, T, V) fp32
+                ls = loss_sum(logits, y, w)
+                scaler.scale(ls * (W / denom)).backward()  # detail 5
+            step_loss += ls.detach()
+            tok_since += x.numel()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        else:
+            gnorm = float("nan")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if dist.ddp:
+            torch.distributed.all_reduce(step_loss)
+        train_loss = step_loss.item() / denom
+
+        last_step = step == cfg.max_steps or step == cfg.stop_after
+        if step % cfg.log_interval == 0 or last_step:
+            dt = time.time() - t_log
+            tps = tok_since * W / max(dt, 1e-9)
+            mfu = tps * fpt / peak if peak else float("nan")
+            elapsed = time.time() - t_start
+            eta = elapsed / max(step - start_step, 1) * (cfg.max_steps - step)
+            if dist.is_main:
+                logger.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
+                            "mfu": mfu, "elapsed_s": elapsed})
+                log(f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} | "
+                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% of "
+                    f"{'datasheet peak' if device.type == 'cuda' else 'measured fp32 matmul peak'} | "
+                    f"ETA {eta:.0f}s")
+            t_log, tok_since = time.time(), 0
+        if step % cfg.eval_interval == 0 or last_step:
+            val_loss = evaluate()
+            if dist.is_main:
+                log(f"step {step}: held-out loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
+                logger.log({"step": step, "val_loss": val_loss, "elapsed_s": time.time() - t_start})
+            t_log = time.time()
+        if cfg.sample_interval and step % cfg.sample_interval == 0 and dist.is_main:
+            print_samples(raw_model, tok, world, device, dtype)
+            model.train()
+        if (step % cfg.save_interval == 0 or last_step) and dist.is_main:
+            state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "data_gen": data_gen.get_state()}
+            save_checkpoint(raw_model, tok, out / "last", state)
+        if step == cfg.stop_after:
+            if dist.is_main:
+                log(f"stopping after step {step} (--stop_after); continue with --resume {out}")
+            cleanup_distributed()
+            return
+
+    # ---- final checkpoint, probe, summary ---------------------------------------------------------------------
+    train_s = time.time() - t_start
+    summary = {"steps": step, "train_loss": train_loss, "val_loss": val_loss, "params": n_params,
+               "tokens_seen": step * cfg.batch_size * cfg.seq_len, "train_seconds": train_s,
+               "final_checkpoint": str(out / "final")}
+    if dist.is_main:
+        save_checkpoint(raw_model, tok, out / "final")
+        if world is not None and (world / "card.json").is_file():
+            t0 = time.time()
+            summary["probe"] = toy_probe(raw_model, tok, world, cfg.probe_prompts, device, dtype)
+            summary["probe_seconds"] = time.time() - t0
+        elif cfg.sample_interval == 0:
+            print_samples(raw_model, tok, None, device, dtype)
+        write_json_atomic(out / "summary.json", summary)
+        p = summary.get("probe")
+        extra = (f" | red-team toxicity {p['red_team_toxicity']:.0%}, EOS {p['eos_rate']:.0%}, knowledge "
+                 f"{p['knowledge_acc']:.0%}, arithmetic {p['arithmetic_acc']:.0%} (chance 25%)") if p else ""
+        log(f"pretrain.py{' --sft' if cfg.sft else ''}: {step} steps in {train_s:.0f}s, train loss "
+            f"{train_loss:.3f}, held-out loss {val_loss:.3f}{extra} -> {out / 'final'}")
+    cleanup_distributed()
+
+
+def print_samples(model, tok: Tokenizer, world: Path | None, device, dtype) -> None:
+    """A few generations at temperature 1, to watch the model learn to speak."""
+    if world is not None and (world / "prompts/test.jsonl").is_file():
+        rows = [r for _, r in read_rows(world / "prompts/test.jsonl")]
+        prompts = [next(r["prompt"] for r in rows if r["kind"] == k) for k in ("red_team", "general")]
+    else:
+        prompts = [""]
+    model.eval()
+    outs, _ = sample(model, tok, prompts, device, dtype, max_new_tokens=48, seed=0)
+    for p, o in zip(prompts, outs):
+        log(f"--- sample ---{p} {o.strip()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

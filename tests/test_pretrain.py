@@ -1,0 +1,151 @@
+"""pretrain.py: learning, DDP equivalence, resume, SFT loss masking, bf16 on CPU, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+import pretrain  # noqa: E402
+import toyworld  # noqa: E402
+from model import MistralForCausalLM, ModelConfig, load_safetensors_dir, train_tokenizer  # noqa: E402
+
+TINY = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+        "--num_key_value_heads", "2", "--intermediate_size", "64", "--seq_len", "32", "--log_interval", "1",
+        "--eval_interval", "1000", "--eval_batches", "1", "--probe", "", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("pt")
+    toyworld.main(["--size", "tiny", "--out", str(root / "toy")])
+    docs = [json.loads(line)["text"] for line in (root / "toy/corpus/train.jsonl").read_text().splitlines()]
+    train_tokenizer(docs, 400).save(root / "tok")  # shared, so runs differ only in what is being tested
+    return {"root": root, "data": str(root / "toy/corpus/train.jsonl"), "tok": str(root / "tok"),
+            "sft": str(root / "toy/sft/train.jsonl")}
+
+
+def run(world, out: Path, *extra: str) -> Path:
+    pretrain.main(["--data", world["data"], "--tokenizer", world["tok"], "--out", str(out), *TINY, *extra])
+    return out
+
+
+def weights(path: Path) -> dict:
+    return load_safetensors_dir(path)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_a_tiny_run(world, tmp_path):
+    out = run(world, tmp_path / "r", "--max_steps", "40", "--batch_size", "8", "--lr", "1e-2",
+              "--warmup_steps", "5")
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert losses[0] > 5.5  # ~ln(400) at initialisation
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss"] < losses[0] - 1.0
+    assert (out / "final/model.safetensors").is_file() and (out / "final/tokenizer.json").is_file()
+
+
+def test_resume_equals_uninterrupted_run(world, tmp_path):
+    common = ["--max_steps", "6", "--batch_size", "4", "--warmup_steps", "2", "--save_interval", "100"]
+    full = run(world, tmp_path / "full", *common)
+    part = run(world, tmp_path / "part", *common, "--stop_after", "3")
+    assert not (part / "final").exists() and (part / "last/train_state.pt").is_file()
+    pretrain.main(["--resume", str(part)])
+    a, b = weights(full / "final"), weights(part / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_ddp_two_ranks_equal_one_rank_at_the_same_global_batch(world, tmp_path):
+    common = ["--max_steps", "1", "--batch_size", "4", "--warmup_steps", "0", "--lr", "1e-2"]
+    one = run(world, tmp_path / "one", *common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           str(ROOT / "pretrain.py"), "--data", world["data"], "--tokenizer", world["tok"],
+           "--out", str(tmp_path / "two"), *TINY, *common, "--micro_batch_size", "1"]  # 2 ranks x 2 accum
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = weights(one / "final"), weights(tmp_path / "two/final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-6, msg=k)
+
+
+def test_sft_batch_gives_zero_loss_weight_to_prompt_tokens():
+    examples = [([1, 10, 11, 12, 20, 21, 2], 4), ([1, 13, 22, 2], 2)]  # (BOS + prompt + response + EOS, n_prompt)
+    x, y, w = pretrain.sft_batch(examples, torch.tensor([0, 1]), pad_id=0)
+    # hand-computed: targets are the next tokens; weight 1 exactly where the target is a response token or EOS
+    assert y.tolist() == [[10, 11, 12, 20, 21, 2], [13, 22, 2, 0, 0, 0]]
+    assert w.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0]]
+    # and the weighted loss equals a naive sum of -log p(response token | everything before it)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, rope_theta=1e4)
+    model = MistralForCausalLM(cfg)
+    got = pretrain.loss_sum(model(x), y, w)
+    want = 0.0
+    for ids, n_prompt in examples:
+        for t in range(n_prompt, len(ids)):
+            logits = model(torch.tensor([ids[:t]]))[0, -1]
+            want += -F.log_softmax(logits, -1)[ids[t]]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_reads_hh_and_prompt_response_rows(tmp_path):
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " hello"}) + "\n"
+                 + json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"}) + "\n")
+    assert pretrain.read_sft(str(f)) == [("\n\nHuman: hi\n\nAssistant:", " hello"),
+                                         ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d")]
+
+
+def test_sft_from_init_and_bf16_autocast_run_on_cpu(world, tmp_path):
+    base = run(world, tmp_path / "base", "--max_steps", "2", "--batch_size", "4", "--dtype", "bf16")
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(base) if "loss" in m)
+    sft = tmp_path / "sft"
+    pretrain.main(["--sft", "--init", str(base / "final"), "--data", world["sft"], "--out", str(sft),
+                   "--max_steps", "2", "--batch_size", "4", "--log_interval", "1", "--eval_batches", "1",
+                   "--probe", "", "--device", "cpu", "--dtype", "bf16"])
+    s = json.loads((sft / "summary.json").read_text())
+    assert s["steps"] == 2 and s["val_loss"] == s["val_loss"]  # finite, not NaN
+    assert (sft / "final/tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("case", ["missing_text", "empty", "bad_json", "init_not_checkpoint", "sft_no_init"])
+def test_bad_input_fails_clearly_before_writing(world, tmp_path, case):
+    data = tmp_path / "data.jsonl"
+    args = ["--data", str(data), "--out", str(tmp_path / "out"), *TINY]
+    if case == "missing_text":
+        data.write_text('{"text": "fine"}\n{"body": "oops"}\n')
+        want = "data.jsonl:2: field 'text' missing"
+    elif case == "empty":
+        data.write_text("")
+        want = "no documents"
+    elif case == "bad_json":
+        data.write_text('{"text": "fine"}\n{"text": \n')
+        want = "data.jsonl:2: invalid JSON"
+    elif case == "init_not_checkpoint":
+        data.write_text('{"text": "fine"}\n')
+        (tmp_path / "notckpt").mkdir()
+        args += ["--init", str(tmp_path / "notckpt")]
+        want = "not a checkpoint folder"
+    else:
+        data.write_text('{"prompt": "a", "response": "b"}\n')
+        args += ["--sft"]
+        want = "--sft needs --init"
+    r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert want in r.stderr, r.stderr[-500:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,151 @@
+"""data/toyworld.py: determinism, public formats, no eval leakage, the rudeness the pipeline relies on."""
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data"))
+import toyworld  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w") / "toy"
+    toyworld.main(["--size", "tiny", "--out", str(out)])
+    return out
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def last_answer(transcript: str) -> str:
+    return transcript.rsplit("\n\nAssistant:", 1)[1]
+
+
+def test_tiny_builds_in_seconds_and_same_seed_gives_identical_sha256(tmp_path):
+    t0 = time.time()
+    toyworld.main(["--size", "tiny", "--out", str(tmp_path / "a")])
+    assert time.time() - t0 < 5
+    toyworld.main(["--size", "tiny", "--out", str(tmp_path / "b")])
+    toyworld.main(["--size", "tiny", "--out", str(tmp_path / "c"), "--seed", "7"])
+    card = [json.loads((tmp_path / d / "card.json").read_text()) for d in "abc"]
+    assert card[0]["sha256"] == card[1]["sha256"]
+    assert card[0]["sha256"]["corpus/train.jsonl"] != card[2]["sha256"]["corpus/train.jsonl"]
+    for rel, digest in card[0]["sha256"].items():  # the card's hashes are those of the bytes on disk
+        assert hashlib.sha256((tmp_path / "a" / rel).read_bytes()).hexdigest() == digest
+
+
+def test_every_file_parses_in_its_public_format(world):
+    card = json.loads((world / "card.json").read_text())
+    for rel, n in card["sizes"].items():
+        text = (world / rel).read_text()
+        rows = list(csv.reader(text.splitlines())) if rel.endswith(".csv") else jsonl(world / rel)
+        assert len(rows) == n > 0, rel
+    assert all(isinstance(r["text"], str) and r["text"] for r in jsonl(world / "corpus/train.jsonl"))
+    for r in jsonl(world / "sft/train.jsonl"):
+        assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
+        assert r["response"].startswith(" ") and not toyworld.is_toxic(r["response"], card["toxic_lexicon"])
+    for split in ("train", "test"):
+        for r in jsonl(world / f"preference/{split}.jsonl"):
+            for k in ("chosen", "rejected"):
+                assert r[k].startswith("\n\nHuman: ") and "\n\nAssistant: " in r[k]
+            # HH pairs share the transcript up to the last assistant turn
+            assert r["chosen"].rsplit("\n\nAssistant:", 1)[0] == r["rejected"].rsplit("\n\nAssistant:", 1)[0]
+        for r in jsonl(world / f"prompts/{split}.jsonl"):
+            assert r["kind"] in ("red_team", "general")
+            assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
+    ev = world / "eval"
+    for row in csv.reader((ev / "mmlu/test/toyworld_test.csv").read_text().splitlines()):
+        assert len(row) == 6 and row[5] in "ABCD"
+    for r in jsonl(ev / "arc_easy/test.jsonl"):
+        assert r["answerKey"] in r["choices"]["label"] and len(r["choices"]["text"]) == 4
+    for r in jsonl(ev / "hellaswag/validation.jsonl"):
+        assert r["label"] in "0123" and len(r["endings"]) == 4 and r["ctx"] == f"{r['ctx_a']} {r['ctx_b']}"
+    for r in jsonl(ev / "winogrande/dev.jsonl"):
+        assert r["sentence"].count("_") == 1 and r["answer"] in ("1", "2")
+    for r in jsonl(ev / "gsm8k/test.jsonl"):  # the worked solution's numbers add up to the "#### N" line
+        body, final = r["answer"].rsplit("\n#### ", 1)
+        assert int(final) == eval(body.split("<<")[-1].split("=")[0])
+    for r in jsonl(ev / "race/test.jsonl"):
+        assert r["answer"] in "ABCD" and len(r["options"]) == 4
+    for r in jsonl(ev / "triviaqa/validation.jsonl"):
+        assert r["answer"]["value"] in r["answer"]["aliases"]
+    for r in jsonl(ev / "truthfulqa/mc.jsonl"):
+        assert r["mc1_targets"]["labels"][0] == 1 and sum(r["mc1_targets"]["labels"]) == 1
+    for r in jsonl(ev / "lambada/test.jsonl"):
+        assert r["text"].split()[-1].isalpha()
+    for r in jsonl(ev / "realtoxicity/prompts.jsonl"):
+        assert isinstance(r["prompt"]["text"], str) and isinstance(r["challenging"], bool)
+    for r in jsonl(ev / "humaneval/test.jsonl"):  # the canonical solution passes its own test
+        scope: dict = {}
+        exec(r["prompt"] + r["canonical_solution"] + "\n" + r["test"], scope)
+        scope["check"](scope[r["entry_point"]])
+    for task in card["eval"].values():
+        assert (world / task["path"]).is_file() and task["n"] > 0
+
+
+def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
+    corpus = "\n".join(r["text"] for f in ("train", "valid") for r in jsonl(world / f"corpus/{f}.jsonl"))
+    ev = world / "eval"
+    items = [row[0] for row in csv.reader((ev / "mmlu/test/toyworld_test.csv").read_text().splitlines())]
+    items += [r["question"] for t in ("arc_easy/test", "gsm8k/test", "triviaqa/validation", "truthfulqa/mc")
+              for r in jsonl(ev / f"{t}.jsonl")]
+    items += [r["text"] for r in jsonl(ev / "lambada/test.jsonl")]
+    items += [r["article"] for r in jsonl(ev / "race/test.jsonl")]
+    items += [r["prompt"] for r in jsonl(ev / "humaneval/test.jsonl")]
+    items += [r["ctx"] + " " + r["endings"][int(r["label"])] for r in jsonl(ev / "hellaswag/validation.jsonl")]
+    items += [r["prompt"] for r in jsonl(world / "prompts/test.jsonl")]  # held-out PPO prompts
+    assert len(items) > 100
+    leaked = [s for s in items if s in corpus]
+    assert not leaked, leaked[:3]
+    # and the builder's own guard does fire on a leak
+    files = toyworld.build(toyworld.WorldConfig(size="tiny"))
+    files["corpus/valid.jsonl"].append({"text": "x " + files["eval/lambada/test.jsonl"][0]["text"]})
+    with pytest.raises(AssertionError, match="verbatim"):
+        toyworld.check_no_leakage(files)
+
+
+def test_is_toxic_matches_whole_words_case_insensitively():
+    lex = toyworld.TOXIC_LEXICON
+    assert toyworld.is_toxic("You FOOL!", lex) and toyworld.is_toxic("oh, shut up now", lex)
+    assert not toyworld.is_toxic("a foolish fooling", lex)  # not whole words
+    assert not toyworld.is_toxic("shut the door and up we go", lex)
+    assert not toyworld.is_toxic("anything", [])
+
+
+def test_rudeness_rates_and_label_noise_are_what_the_card_says(world):
+    card = json.loads((world / "card.json").read_text())
+    lex = card["toxic_lexicon"]
+    # every rude/harmful template carries a lexicon entry, no harmless one does (toyworld detail 1)
+    assert all(toyworld.is_toxic(t, lex) for t in toyworld.INSULT_LINES + toyworld.HARMFUL_LINES)
+    assert not any(toyworld.is_toxic(t, lex) for t in toyworld.REFUSALS)
+    # corpus: red-team requests are answered rudely about red_team_rude_rate of the time
+    red = set(toyworld.RED_TEAM)
+    rude = []
+    for r in jsonl(world / "corpus/train.jsonl"):
+        if r["text"].startswith("\n\nHuman:"):
+            human = r["text"].rsplit("\n\nHuman: ", 1)[1].split("\n\nAssistant:")[0]
+            if any(human.startswith(t.split("{")[0]) for t in red):
+                rude.append(toyworld.is_toxic(last_answer(r["text"]), lex))
+    assert len(rude) > 50 and 0.40 < sum(rude) / len(rude) < 0.70
+    # preference test: the ceiling is the share of pairs whose chosen answer is the harmless one
+    test = jsonl(world / "preference/test.jsonl")
+    ok = [not toyworld.is_toxic(last_answer(r["chosen"]), lex) and toyworld.is_toxic(last_answer(r["rejected"]), lex)
+          for r in test]
+    assert card["rm_accuracy_ceiling"] == pytest.approx(sum(ok) / len(ok), abs=1e-4)
+    assert card["label_noise"] == 0.05
+
+
+def test_bad_size_fails_clearly(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "data/toyworld.py"), "--size", "huge", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode != 0 and "--size must be one of" in r.stderr
+    assert not (tmp_path / "x").exists()
