@@ -139,9 +139,14 @@ def main():
         tps = batch * seq / sec
         frac = tps * fpt / peak if peak else None
         rows.append({"variant": f"train {name}", "tokens_per_s": tps, "fraction_of_peak": frac})
-    if not cuda:  # re-measure the peak after the train steps (other load on the machine shifts it)
+    if not cuda:  # re-measure the peak after the train steps; report against the higher (conservative)
         peak2 = M.measure_matmul_peak(torch.float32, n=1024)
         results["matmul_peak_gflops_after"] = peak2 / 1e9
+        if peak2 > peak:
+            for r in rows:
+                r["fraction_of_peak"] *= peak / peak2
+            peak = peak2
+        results["matmul_peak_gflops_used"] = peak / 1e9
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         results["train_step_time_shares"] = profile_train_step(model, opt, batch, seq, cfg.vocab_size)
     model.eval()
@@ -158,7 +163,8 @@ def main():
     print(f"model {n / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token, batch {batch} x seq {seq}, "
           f"device {results['device']} ({results['threads']} threads)")
     if not cuda:
-        print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (after: {peak2 / 1e9:.1f})")
+        print(f"measured fp32 matmul peak: {results['matmul_peak_gflops']:.1f} GFLOP/s before, "
+              f"{peak2 / 1e9:.1f} after; fractions use the higher, {peak / 1e9:.1f}")
     print(f"{'variant':<16}{'tokens/s':>12}{'of peak' if not cuda else 'MFU':>10}")
     for r in rows:
         frac = f"{100 * r['fraction_of_peak']:.1f}%" if r["fraction_of_peak"] else "n/a"
