@@ -1,53 +1,64 @@
 """CowClip: large-batch CTR training of DeepFM, faithful to the authors' code.
 
-Paper: Zheng et al., "CowClip: Reducing CTR Prediction Model Training Time from 12 hours to 10 minutes on
-1 GPU", AAAI 2023, arXiv 2204.06240. Reference code: bytedance/LargeBatchCTR @12101b4 (TF 2.4, DeepCTR).
-The published numbers come from that code, which differs from the paper's Algorithm 1 box; we follow the code
-(`--clip code`) and offer the box read literally (`--clip paper`) and no clipping (`--clip none`).
+Paper: Zheng et al., "CowClip: Reducing CTR Prediction Model Training Time from 12 hours to 10
+minutes on 1 GPU", AAAI 2023, arXiv 2204.06240. Reference code: bytedance/LargeBatchCTR @12101b4 (TF
+2.4, DeepCTR). The published numbers come from that code, which differs from the paper's Algorithm 1
+box; we follow the code (`--clip code`) and offer the box read literally (`--clip paper`) and no
+clipping (`--clip none`).
 
 Launch:
-    python cowclip_ctr.py                                   # toy: synthetic Criteo-like data, prints AUC vs Bayes
-    python cowclip_ctr.py --batch_size 8192                 # the CowClip scaling rule derives lr / L2 / warmup
-    python cowclip_ctr.py --batch_size 8192 --scale_rule sqrt --clip none     # a plain scaling rule
-    python cowclip_ctr.py --sweep                           # 1K..128K, CowClip vs plain rules -> sweep.md
-    torchrun --standalone --nproc_per_node=2 cowclip_ctr.py # DDP (gloo on CPU, nccl on CUDA)
-    python cowclip_ctr.py --preprocess criteo --raw train.txt --data data/criteo   # streaming, two passes
-    python cowclip_ctr.py --preprocess avazu --raw train --data data/avazu --test_frac 0.2 --cowclip_zeta 1e-4
+    python cowclip_ctr.py                          # toy: synthetic Criteo-like data, AUC vs Bayes
+    python cowclip_ctr.py --batch_size 8192        # CowClip rule derives lr / L2 / warmup
+    python cowclip_ctr.py --batch_size 8192 --scale_rule sqrt --clip none   # a plain rule
+    python cowclip_ctr.py --sweep                  # 1K..128K, CowClip vs plain rules
+    torchrun --standalone --nproc_per_node=2 cowclip_ctr.py   # DDP (gloo CPU, nccl CUDA)
+    python cowclip_ctr.py --preprocess criteo --raw train.txt --data data/criteo  # 2 passes
+    python cowclip_ctr.py --preprocess avazu --raw train --data data/avazu --test_frac 0.2
     python cowclip_ctr.py --data data/criteo --device cuda --batch_size 131072 --epochs 10
 
 Implementation details (the numbers appear again at the lines that implement them):
- 1. DeepFM as LargeBatchCTR runs it (DeepCTR `DeepFM`): ONE concatenated d=10 table E with per-field offsets
-    (one gather instead of 26), a concatenated 1-dim first-order table L (zero init), a bias-free linear kernel on
-    the dense features, the FM term 0.5 * sum_d[(sum_f e)^2 - sum_f e^2] over the categorical fields only, an MLP
-    400-400-400 ReLU (glorot-normal, zero bias, no BN, no dropout) on [flatten(E[ids]), dense] with a bias-free
-    1-unit head, and one global bias. E init N(0, 1e-2) (README commands).
- 2. Loss: mean BCE over the (global) batch. L2 is Keras' lambda * sum(w^2) on E, L and the linear kernel over the
-    WHOLE table, so its gradient 2*lambda*w is added to every row after backward ("faithful", dense gradients).
- 3. CowClip as `clip.py` computes it: for each id present in the batch, with count c from unique-with-counts,
-    threshold t = r * c * max(||w||, r * sqrt(d) * zeta), and the row of g (data + L2) is scaled by
-    min(1, t / ||g||). Only E is clipped; L and all dense weights are not. Absent rows keep count 1 in the code,
-    and as 2*lambda < r they are never clipped, so touching only present rows is exact.
-    `--clip paper`: Algorithm 1 literally, t = c * max(r * ||w||, zeta), and absent ids (c = 0) get zero gradient.
- 4. Two Adam optimisers (Keras defaults, eps 1e-7): embeddings {E, L} at lr_embed with no warmup; everything else
-    at lr_dense with a linear warmup from 1e-8 over `warmup_epochs` (Keras PolynomialDecay, power 1), then flat.
- 5. Scaling rule from the 1K base (README table): s = B / 1024; CowClip keeps lr_embed, multiplies lambda by s and
-    lr_dense by sqrt(s). Plain rules (sqrt, linear) scale both lrs and keep lambda; none keeps everything.
- 6. DDP: the global batch is what the user sets; every rank slices its share of the same global permutation.
-    DDP all-reduces (means) the data gradients, THEN the L2 term is added (it is identical on every rank), and
-    CowClip counts ids over the all-gathered global batch, so 2 ranks take the same step as 1 rank.
- 7. AMP: bf16 autocast for the MLP only (FM, tables, loss in fp32). fp16 uses a GradScaler whose gradients are
-    unscaled BEFORE the L2 term and the clipping, because the threshold compares ||g|| with ||w||.
- 8. Data lives on the device; each epoch slices batches from a seeded permutation (no DataLoader). The last
-    incomplete batch is dropped so every step has exactly the global batch the scaling rule assumes.
+ 1. DeepFM as LargeBatchCTR runs it (DeepCTR `DeepFM`): ONE concatenated d=10 table E with per-field
+    offsets (one gather instead of 26), a concatenated 1-dim first-order table L (zero init), a
+    bias-free linear kernel on the dense features, the FM term 0.5 * sum_d[(sum_f e)^2 - sum_f e^2]
+    over the categorical fields only, an MLP 400-400-400 ReLU (glorot-normal, zero bias, no BN, no
+    dropout) on [flatten(E[ids]), dense] with a bias-free 1-unit head, and one global bias. E init
+    N(0, 1e-2) (README commands).
+ 2. Loss: mean BCE over the (global) batch. L2 is Keras' lambda * sum(w^2) on E, L and the linear
+    kernel over the WHOLE table, so its gradient 2*lambda*w is added to every row after backward
+    ("faithful", dense gradients).
+ 3. CowClip as `clip.py` computes it: for each id present in the batch, with count c from
+    unique-with-counts, threshold t = r * c * max(||w||, r * sqrt(d) * zeta), and the row of g
+    (data + L2) is scaled by min(1, t / ||g||). Only E is clipped; L and all dense weights are not.
+    Absent rows keep count 1 in the code, and as 2*lambda < r they are never clipped, so touching
+    only present rows is exact. `--clip paper`: Algorithm 1 literally, t = c * max(r * ||w||,
+    zeta), and absent ids (c = 0) get zero gradient.
+ 4. Two Adam optimisers (Keras defaults, eps 1e-7): embeddings {E, L} at lr_embed with no warmup;
+    everything else at lr_dense with a linear warmup from 1e-8 over `warmup_epochs` (Keras
+    PolynomialDecay, power 1), then flat.
+ 5. Scaling rule from the 1K base (README table): s = B / 1024; CowClip keeps lr_embed, multiplies
+    lambda by s and lr_dense by sqrt(s). Plain rules (sqrt, linear) scale both lrs and keep lambda;
+    none keeps everything.
+ 6. DDP: the global batch is what the user sets; every rank slices its share of the same global
+    permutation. DDP all-reduces (means) the data gradients, THEN the L2 term is added (it is
+    identical on every rank), and CowClip counts ids over the all-gathered global batch, so 2 ranks
+    take the same step as 1 rank.
+ 7. AMP: bf16 autocast for the MLP only (FM, tables, loss in fp32). fp16 uses a GradScaler whose
+    gradients are unscaled BEFORE the L2 term and the clipping, because the threshold compares
+    ||g|| with ||w||.
+ 8. Data lives on the device; each epoch slices batches from a seeded permutation (no DataLoader).
+    The last incomplete batch is dropped so every step has exactly the global batch the scaling
+    rule assumes.
  9. Evaluation each epoch: AUC (own rank statistic, ties get average ranks) and LogLoss in float64.
-10. Synthetic Criteo-like data: 26 categorical fields (Criteo cardinalities scaled down, Zipf id frequencies,
-    per-field missing rates), 13 heavy-tailed integer fields, labels from a hidden logistic model with per-id
-    effects and low-rank pairwise field interactions, calibrated to 25.6% positives. The true probabilities are
-    known, so the Bayes-optimal AUC of the test split is reported next to ours.
-11. Preprocessing of Criteo `train.txt` / Avazu `train`: two streaming passes (count, then encode); `lbctr`
-    encoding = the reference's LabelEncoder (missing -> "-1", sorted vocabulary) + MinMax dense (missing -> 0);
-    `bars` = BARS/FuxiCTR style: ints -> floor(ln(v)^2) if v > 2 as categoricals, ids seen < min_count -> OOV.
-    Fixed-seed split; memory-mapped .npy + meta.json + vocab files; written to a temp folder and renamed.
+10. Synthetic Criteo-like data: 26 categorical fields (Criteo cardinalities scaled down, Zipf id
+    frequencies, per-field missing rates), 13 heavy-tailed integer fields, labels from a hidden
+    logistic model with per-id effects and low-rank pairwise field interactions, calibrated to
+    25.6% positives. The true probabilities are known, so the Bayes-optimal AUC of the test split
+    is reported next to ours.
+11. Preprocessing of Criteo `train.txt` / Avazu `train`: two streaming passes (count, then encode);
+    `lbctr` encoding = the reference's LabelEncoder (missing -> "-1", sorted vocabulary) + MinMax
+    dense (missing -> 0); `bars` = BARS/FuxiCTR style: ints -> floor(ln(v)^2) if v > 2 as
+    categoricals, ids seen < min_count -> OOV. Fixed-seed split; memory-mapped .npy + meta.json +
+    vocab files; written to a temp folder and renamed.
 """
 
 from __future__ import annotations
@@ -64,12 +75,13 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -79,12 +91,16 @@ class Config:
     out: str = "out/cowclip_ctr"  # output folder: config.json, metrics.jsonl, summary.json, model
     n_train: int = 200_000  # synthetic: training rows
     n_test: int = 50_000  # synthetic: test rows (the Bayes AUC is measured on these)
-    synth_vocab: int = 60_000  # synthetic: approximate total rows of the concatenated embedding table
+    synth_vocab: int = (
+        20_000  # synthetic: approximate total rows of the concatenated embedding table
+    )
     synth_seed: int = 0  # synthetic: seed of the hidden model and the samples
     # --- preprocessing (runs instead of training when set)
     preprocess: str = ""  # "criteo" or "avazu": convert --raw into the folder --data, then exit
     raw: str = ""  # raw Criteo Kaggle train.txt (TSV, no header) or Avazu train (CSV with header)
-    encoding: str = "lbctr"  # lbctr: reference LabelEncoder + MinMax; bars: ln^2 buckets + min_count OOV
+    encoding: str = (
+        "lbctr"  # lbctr: reference LabelEncoder + MinMax; bars: ln^2 buckets + min_count OOV
+    )
     min_count: int = 10  # bars encoding: values seen fewer times map to the field's OOV id 0
     test_frac: float = 0.1  # held-out fraction (reference: 0.1 Criteo, 0.2 Avazu)
     valid_frac: float = 0.0  # validation fraction (reference: none; BARS: 0.1)
@@ -96,7 +112,9 @@ class Config:
     init_std: float = 1e-2  # std of the E init (README commands; DeepCTR default 1e-4)
     # --- large-batch recipe (details 3-5); base values = the README's Criteo 1K row
     batch_size: int = 1024  # GLOBAL batch
-    scale_rule: str = "cowclip"  # cowclip | sqrt | linear | none: derive lrs and L2 from the 1K base
+    scale_rule: str = (
+        "cowclip"  # cowclip | sqrt | linear | none: derive lrs and L2 from the 1K base
+    )
     base_batch: int = 1024  # the batch the base values are tuned for
     base_lr_dense: float = 8e-4  # dense lr at the base batch
     base_lr_embed: float = 1e-4  # embedding lr at the base batch
@@ -105,7 +123,7 @@ class Config:
     clip: str = "code"  # code: LargeBatchCTR clip.py; paper: Algorithm 1 literally; none
     cowclip_r: float = 1.0  # CowClip ratio r
     cowclip_zeta: float = 1e-5  # CowClip lower bound zeta ("code zeta": floor r*sqrt(d)*zeta)
-    epochs: int = 3  # passes over the training set
+    epochs: int = 2  # passes over the training set
     seed: int = 1235  # init and batch-order seed (reference default)
     # --- runtime
     device: str = "auto"  # auto | cpu | cuda
@@ -116,16 +134,20 @@ class Config:
     save_model: bool = True  # write model.safetensors at the end
     # --- sweep
     sweep: bool = False  # run sweep_batches x sweep_rules and write sweep.md / sweep.json
-    sweep_batches: str = "1024,2048,4096,8192,16384,32768,65536,131072"  # global batches of the sweep
-    sweep_rules: str = "cowclip,sqrt,linear,none"  # cowclip runs with --clip code, the others with none
+    sweep_batches: str = (
+        "1024,2048,4096,8192,16384,32768,65536,131072"  # global batches of the sweep
+    )
+    sweep_rules: str = (
+        "cowclip,sqrt,linear,none"  # cowclip runs with --clip code, the others with none
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # small pure functions
 
 
 def fm_term(e: torch.Tensor) -> torch.Tensor:
-    """FM second order (Rendle 2010): sum_{f<g} <e_f, e_g> = 0.5 * sum_d[(sum_f e)^2 - sum_f e^2]."""
+    """FM 2nd order (Rendle 2010): sum_{f<g} <e_f, e_g> = 0.5 * sum_d[(sum_f e)^2 - sum_f e^2]."""
     # e: (B, F, d) -> (B,)
     return 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(1)
 
@@ -135,7 +157,7 @@ def cowclip_threshold(
 ) -> torch.Tensor:
     """Per-row clip threshold. `code`: LargeBatchCTR clip.py; `paper`: Algorithm 1 as printed."""
     if mode == "code":
-        # CowClip detail 3 (clip.py): floor first, then r and the count: t = r * c * max(||w||, r*sqrt(d)*zeta)
+        # CowClip detail 3 (clip.py): floor, then r and count: t = r*c*max(||w||, r*sqrt(d)*zeta)
         return r * counts * torch.clamp(w_norm, min=r * math.sqrt(dim) * zeta)
     if mode == "paper":
         # CowClip Alg. 1: clip_k = cnt * max(r * ||w_k||, zeta)
@@ -147,22 +169,24 @@ def cowclip_threshold(
 def cowclip_(
     weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, r: float, zeta: float, mode: str
 ) -> tuple[int, int]:
-    """Clip `grad` (V, d) in place for the ids of the batch; returns (rows clipped, rows present)."""
+    """Clip `grad` (V, d) in place for the ids of the batch; returns (rows clipped, present)."""
     rows, counts = torch.unique(ids.reshape(-1), return_counts=True)  # present ids and their counts
     g = grad[rows]  # (U, d)
     g_norm = g.norm(dim=1)
-    t = cowclip_threshold(weight[rows].norm(dim=1), counts.to(g.dtype), r, zeta, weight.shape[1], mode)
+    t = cowclip_threshold(
+        weight[rows].norm(dim=1), counts.to(g.dtype), r, zeta, weight.shape[1], mode
+    )
     clipped = g_norm > t
     # g * min(1, t / ||g||); rows with ||g|| <= t (zero rows included) are left bit-identical
     scale = torch.where(clipped, t / torch.where(clipped, g_norm, 1.0), 1.0)
     if mode == "paper":
-        grad.zero_()  # Alg. 1 literally: cnt = 0 for absent ids, so their clip value and gradient are 0
+        grad.zero_()  # Alg. 1 literally: cnt = 0 for absent ids, so clip value and gradient are 0
     grad[rows] = g * scale[:, None]
     return int(clipped.sum()), int(rows.numel())
 
 
 def scaled_hparams(cfg: Config, batch_size: int | None = None) -> dict:
-    """Detail 5: dense lr, embedding lr, L2 and warmup at `batch_size` from the base-batch settings."""
+    """Detail 5: dense lr, embedding lr, L2 and warmup at `batch_size` from the base settings."""
     b = cfg.batch_size if batch_size is None else batch_size
     s = b / cfg.base_batch
     lr_d, lr_e, l2 = cfg.base_lr_dense, cfg.base_lr_embed, cfg.base_l2
@@ -174,19 +198,25 @@ def scaled_hparams(cfg: Config, batch_size: int | None = None) -> dict:
         lr_d, lr_e = lr_d * s, lr_e * s
     elif cfg.scale_rule != "none":
         raise ValueError(f"--scale_rule must be cowclip|sqrt|linear|none, got {cfg.scale_rule!r}")
-    return {"batch_size": b, "scale": s, "lr_dense": lr_d, "lr_embed": lr_e, "l2": l2,
-            "warmup_epochs": cfg.warmup_epochs}
+    return {
+        "batch_size": b,
+        "scale": s,
+        "lr_dense": lr_d,
+        "lr_embed": lr_e,
+        "l2": l2,
+        "warmup_epochs": cfg.warmup_epochs,
+    }
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """AUC as the Mann-Whitney statistic; tied scores get their average rank (= half credit per tie)."""
+    """AUC as the Mann-Whitney statistic; tied scores get their average rank (half credit)."""
     s = scores.double().flatten()
     y = labels.flatten() > 0.5
     n_pos = int(y.sum())
     n_neg = y.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    uniq, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
     last = torch.cumsum(counts, 0).double()  # 1-based rank of the last element of each tie group
     avg_rank = last - (counts.double() - 1) / 2
     rank_sum = avg_rank[inverse][y].sum().item()
@@ -204,31 +234,73 @@ def glorot_normal_(w: torch.Tensor) -> torch.Tensor:
     return nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # synthetic Criteo-like data (detail 10)
 
-# Criteo Kaggle C1..C26 cardinalities (DLRM Kaggle defaults) and rough missing rates (reference h.2, h.4)
-CRITEO_CARDS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-                5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
-CAT_MISSING = {2: .04, 3: .04, 5: .16, 11: .04, 15: .04, 18: .41, 19: .41, 20: .04, 21: .8, 23: .04,
-               24: .41, 25: .41}
-INT_MISSING = [.45, .03, .17, .17, .03, .26, .03, .03, .03, .45, .03, .79, .17]
+# Criteo Kaggle C1..C26 cardinalities (DLRM Kaggle defaults), rough missing rates (ref. h.2, h.4)
+CRITEO_CARDS = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
+CAT_MISSING = {
+    2: 0.04,
+    3: 0.04,
+    5: 0.16,
+    11: 0.04,
+    15: 0.04,
+    18: 0.41,
+    19: 0.41,
+    20: 0.04,
+    21: 0.8,
+    23: 0.04,
+    24: 0.41,
+    25: 0.41,
+}
+INT_MISSING = [0.45, 0.03, 0.17, 0.17, 0.03, 0.26, 0.03, 0.03, 0.03, 0.45, 0.03, 0.79, 0.17]
 INT_MEDIAN = [3, 5, 12, 7, 2000, 60, 8, 18, 50, 1, 2, 1, 8]
 
 
 def synthetic_cardinalities(total: int) -> list[int]:
-    """Criteo's cardinalities with the big fields shrunk (fields <= 1000 kept) so they sum to ~total."""
-    def cards(scale: float) -> list[int]:
-        return [max(min(c, 1000), min(c, round(c * scale))) for c in CRITEO_CARDS]
+    """Criteo's cardinalities compressed as c**alpha (alpha by bisection) so they sum to ~total."""
+
+    def cards(alpha: float) -> list[int]:
+        return [max(2, min(c, round(c**alpha))) for c in CRITEO_CARDS]
+
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sum(cards(mid)) < total else (lo, mid)
-    return [c + 1 for c in cards(hi)]  # + id 0 = "missing" (one missing id per field, reference h.3)
+    return [
+        c + 1 for c in cards(lo)
+    ]  # + id 0 = "missing" (one missing id per field, reference h.3)
 
 
 def make_synthetic(cfg: Config) -> dict:
-    """Train/test arrays in the preprocessed format, plus the true click probability of every test row."""
+    """Train/test arrays in the preprocessed format, plus the true logit of every test row."""
     rng = np.random.default_rng(cfg.synth_seed)
     cards = synthetic_cardinalities(cfg.synth_vocab)
     n = cfg.n_train + cfg.n_test
@@ -243,20 +315,24 @@ def make_synthetic(cfg: Config) -> dict:
         col[rng.random(n) < CAT_MISSING.get(f, 0.0)] = 0
         ids[:, f] = col
         # per-id effects: learnable fields carry more signal than the long-tailed ones
-        sigma = 0.15 if orig > 1_000_000 else 0.3 if orig > 5_000 else 0.45
+        sigma = 0.15 if orig > 1_000_000 else 0.3 if orig > 5_000 else 0.4
         logit += rng.normal(0, sigma, card)[col]
-        factors.append(rng.normal(0, 0.45, (card, 4)))  # rank-4 interaction factors
-    pairs = [(0, 1), (4, 7), (1, 12), (6, 10), (8, 16), (13, 22), (5, 19), (2, 9)]
+        factors.append(rng.normal(0, 0.35, (card, 4)))  # rank-4 interaction factors
+    pairs = [(0, 1), (4, 7), (6, 10), (8, 16), (13, 22), (5, 19), (12, 14), (2, 9)]  # disjoint
     for f, g in pairs:  # hidden pairwise interactions, an FM-shaped signal DeepFM can represent
         logit += (factors[f][ids[:, f]] * factors[g][ids[:, g]]).sum(1) / 2
     raw = np.zeros((n, 13))
     for j in range(13):  # heavy-tailed counts (log-normal), I2 may be -1 (reference h.5)
         x = np.floor(np.exp(rng.normal(math.log(INT_MEDIAN[j] + 1), 1.3, n))) - (2 if j == 1 else 1)
+        x[rng.random(n) < INT_MISSING[j]] = (
+            0  # the reference fills missing with 0 (the model sees the same)
+        )
         z = np.log1p(np.maximum(x, 0))
-        logit += rng.normal(0, 0.25) * (z - z.mean()) / (z.std() + 1e-9)
-        x[rng.random(n) < INT_MISSING[j]] = 0  # reference encoding: missing -> 0, AFTER the label was drawn
+        logit += rng.normal(0, 0.05) * (z - z.mean()) / (z.std() + 1e-9)
         raw[:, j] = x
-    dense = ((raw - raw.min(0)) / np.maximum(raw.max(0) - raw.min(0), 1e-12)).astype(np.float32)  # MinMax
+    dense = ((raw - raw.min(0)) / np.maximum(raw.max(0) - raw.min(0), 1e-12)).astype(
+        np.float32
+    )  # MinMax
     lo, hi = -10.0, 10.0  # calibrate the intercept to Criteo's 25.6% positives (reference h.1)
     for _ in range(50):
         b0 = (lo + hi) / 2
@@ -264,36 +340,50 @@ def make_synthetic(cfg: Config) -> dict:
     prob = 1 / (1 + np.exp(-(logit + b0)))
     labels = (rng.random(n) < prob).astype(np.float32)
     tr, te = slice(0, cfg.n_train), slice(cfg.n_train, n)
-    return {"field_dims": cards, "n_dense": 13,
-            "train": (ids[tr], dense[tr], labels[tr]), "test": (ids[te], dense[te], labels[te]),
-            "test_true_logit": (logit + b0)[te]}
+    return {
+        "field_dims": cards,
+        "n_dense": 13,
+        "train": (ids[tr], dense[tr], labels[tr]),
+        "test": (ids[te], dense[te], labels[te]),
+        "test_true_logit": (logit + b0)[te],
+    }
 
 
 def load_preprocessed(folder: str) -> dict:
     """Read a --preprocess folder: meta.json + memory-mapped .npy per split."""
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
-        raise SystemExit(f"{path}: not found; run `--preprocess criteo|avazu --raw FILE --data {folder}`")
-    meta = json.load(open(path))
+        raise SystemExit(
+            f"{path}: not found; run `--preprocess criteo|avazu --raw FILE --data {folder}`"
+        )
+    with open(path) as f:
+        meta = json.load(f)
     out = {"field_dims": meta["field_dims"], "n_dense": meta["n_dense"], "meta": meta}
     for split in ("train", "valid", "test"):
         if meta["rows"].get(split, 0) > 0:
-            out[split] = tuple(np.load(os.path.join(folder, f"{split}_{k}.npy"), mmap_mode="r")
-                               for k in ("ids", "dense", "label"))
+            out[split] = tuple(
+                np.load(os.path.join(folder, f"{split}_{k}.npy"), mmap_mode="r")
+                for k in ("ids", "dense", "label")
+            )
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # model (detail 1)
 
 
 class DeepFM(nn.Module):
-    def __init__(self, field_dims: list[int], n_dense: int, embed_dim: int, mlp: list[int],
-                 init_std: float):
+    def __init__(
+        self, field_dims: list[int], n_dense: int, embed_dim: int, mlp: list[int], init_std: float
+    ):
         super().__init__()
-        self.register_buffer("offsets", torch.tensor(np.cumsum([0] + field_dims[:-1]), dtype=torch.int32))
+        self.register_buffer(
+            "offsets", torch.tensor(np.cumsum([0] + field_dims[:-1]), dtype=torch.int32)
+        )
         vocab = sum(field_dims)
-        self.embed = nn.Embedding(vocab, embed_dim)  # E: shared by FM and DNN, the only clipped table
+        self.embed = nn.Embedding(
+            vocab, embed_dim
+        )  # E: shared by FM and DNN, the only clipped table
         nn.init.normal_(self.embed.weight, std=init_std)
         self.linear_embed = nn.Embedding(vocab, 1)  # L: first-order weights, zero init (DeepCTR)
         nn.init.zeros_(self.linear_embed.weight)
@@ -310,15 +400,20 @@ class DeepFM(nn.Module):
         self.mlp_out = nn.Linear(width, 1, bias=False)
         glorot_normal_(self.mlp_out.weight)
         self.bias = nn.Parameter(torch.zeros(1))  # global bias of DeepCTR's PredictionLayer
-        self.mlp_dtype: torch.dtype | None = None  # set to bf16/fp16 for autocast of the MLP (detail 7)
+        self.mlp_dtype: torch.dtype | None = (
+            None  # set to bf16/fp16 for autocast of the MLP (detail 7)
+        )
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         # ids: (B, F) offset ids into the concatenated tables; dense: (B, n_dense)
         e = self.embed(ids)  # (B, F, d), one gather for all fields
         first = self.linear_embed(ids).sum((1, 2)) + self.dense_kernel(dense).squeeze(-1)  # (B,)
         x = torch.cat([e.flatten(1), dense], 1)  # (B, F*d + n_dense)
-        with torch.autocast(ids.device.type, dtype=self.mlp_dtype or torch.bfloat16,
-                            enabled=self.mlp_dtype is not None):
+        with torch.autocast(
+            ids.device.type,
+            dtype=self.mlp_dtype or torch.bfloat16,
+            enabled=self.mlp_dtype is not None,
+        ):
             deep = self.mlp_out(self.mlp(x)).squeeze(-1)
         return first + fm_term(e) + deep.float() + self.bias  # logits (B,)
 
@@ -335,23 +430,38 @@ def dense_params(model: DeepFM) -> list[nn.Parameter]:
 def make_optimizers(model: DeepFM, hp: dict) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     # detail 4: two Adams with Keras' eps 1e-7 (PyTorch default 1e-8); fused kernels where available
     kw = {"betas": (0.9, 0.999), "eps": 1e-7, "fused": True}
-    return (torch.optim.Adam(embedding_params(model), lr=hp["lr_embed"], **kw),
-            torch.optim.Adam(dense_params(model), lr=1e-8 if hp["warmup_steps"] else hp["lr_dense"], **kw))
+    return (
+        torch.optim.Adam(embedding_params(model), lr=hp["lr_embed"], **kw),
+        torch.optim.Adam(
+            dense_params(model), lr=1e-8 if hp["warmup_steps"] else hp["lr_dense"], **kw
+        ),
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one training step (details 2, 3, 6, 7)
 
 
-def train_step(model: nn.Module, raw: DeepFM, batch: tuple, opt_e, opt_d, scaler, hp: dict, cfg: Config,
-               ddp: bool) -> tuple[torch.Tensor, int, int]:
-    """Forward/backward on this rank's share, L2 + CowClip on the global gradient, both Adam steps."""
+def train_step(
+    model: nn.Module,
+    raw: DeepFM,
+    batch: tuple,
+    opt_e,
+    opt_d,
+    scaler,
+    hp: dict,
+    cfg: Config,
+    ddp: bool,
+) -> tuple[torch.Tensor, int, int]:
+    """Fwd/bwd on this rank's share, L2 + CowClip on the global gradient, both Adam steps."""
     ids, dense, y = batch
     loss = F.binary_cross_entropy_with_logits(model(ids, dense), y)  # mean over this rank's rows
     opt_e.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # DDP: grads are now the mean over the GLOBAL batch (detail 6)
-    scaler.unscale_(opt_e)  # detail 7: unscale before L2 and clipping, the threshold compares g with w
+    scaler.unscale_(
+        opt_e
+    )  # detail 7: unscale before L2 and clipping, the threshold compares g with w
     scaler.unscale_(opt_d)
     with torch.no_grad():
         for p in (raw.embed.weight, raw.linear_embed.weight, raw.dense_kernel.weight):
@@ -360,10 +470,20 @@ def train_step(model: nn.Module, raw: DeepFM, batch: tuple, opt_e, opt_d, scaler
         if cfg.clip != "none":
             gids = ids
             if ddp:  # detail 6: counts over the global batch, so every rank clips identically
-                gids = torch.empty((dist.get_world_size(), *ids.shape), dtype=ids.dtype, device=ids.device)
+                gids = torch.empty(
+                    (dist.get_world_size() * ids.shape[0], ids.shape[1]),
+                    dtype=ids.dtype,
+                    device=ids.device,
+                )
                 dist.all_gather_into_tensor(gids, ids.contiguous())
-            n_clipped, n_rows = cowclip_(raw.embed.weight, raw.embed.weight.grad, gids, cfg.cowclip_r,
-                                         cfg.cowclip_zeta, cfg.clip)
+            n_clipped, n_rows = cowclip_(
+                raw.embed.weight,
+                raw.embed.weight.grad,
+                gids,
+                cfg.cowclip_r,
+                cfg.cowclip_zeta,
+                cfg.clip,
+            )
     scaler.step(opt_e)
     scaler.step(opt_d)
     scaler.update()
@@ -373,13 +493,15 @@ def train_step(model: nn.Module, raw: DeepFM, batch: tuple, opt_e, opt_d, scaler
 @torch.no_grad()
 def predict(model: nn.Module, ids, dense, chunk: int = 65536) -> torch.Tensor:
     model.eval()
-    out = torch.cat([model(ids[i:i + chunk], dense[i:i + chunk]) for i in range(0, len(ids), chunk)])
+    out = torch.cat(
+        [model(ids[i : i + chunk], dense[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    )
     model.train()
     return out.float()
 
 
 def evaluate(model: nn.Module, split: tuple, ddp: bool, rank: int, world: int) -> dict:
-    """Detail 9: each rank scores a slice of the split; logits are all-gathered for an exact global AUC."""
+    """Detail 9: each rank scores a slice; logits are all-gathered for an exact global AUC."""
     ids, dense, y = split
     n = len(y)
     per = -(-n // world)
@@ -394,7 +516,7 @@ def evaluate(model: nn.Module, split: tuple, ddp: bool, rank: int, world: int) -
     return {"auc": roc_auc(logits, y), "logloss": log_loss(logits, y)}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # training run
 
 
@@ -427,9 +549,14 @@ def setup_runtime(cfg: Config) -> dict:
 
 def to_device(split: tuple, offsets: torch.Tensor, device) -> tuple:
     ids, dense, y = split
-    ids = torch.from_numpy(np.ascontiguousarray(ids)).to(device) + offsets.to(device)  # global row ids
-    return ids, torch.from_numpy(np.ascontiguousarray(dense)).to(device), \
-        torch.from_numpy(np.ascontiguousarray(y)).float().to(device)
+    ids = torch.from_numpy(np.ascontiguousarray(ids)).to(device) + offsets.to(
+        device
+    )  # global row ids
+    return (
+        ids,
+        torch.from_numpy(np.ascontiguousarray(dense)).to(device),
+        torch.from_numpy(np.ascontiguousarray(y)).float().to(device),
+    )
 
 
 def save_json(path: str, obj) -> None:
@@ -439,7 +566,9 @@ def save_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: bool = False) -> dict:
+def train(
+    cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: bool = False
+) -> dict:
     """One training run; returns the summary dict (also written to <out>/summary.json on rank 0)."""
     rt = rt or setup_runtime(cfg)
     ddp, rank, world, device = rt["ddp"], rt["rank"], rt["world"], rt["device"]
@@ -468,12 +597,16 @@ def train(cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: 
     hp["warmup_steps"] = round(cfg.warmup_epochs * steps_per_epoch)
     hp["steps_per_epoch"] = steps_per_epoch
     if 2 * hp["l2"] >= cfg.cowclip_r and cfg.clip == "code":
-        say("warning: 2*l2 >= r, absent rows would be clipped in the reference; we only clip present rows")
+        say(
+            "warning: 2*l2 >= r: the reference would clip absent rows too; we clip present ones only"
+        )
     model = raw
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     opt_e, opt_d = make_optimizers(raw, hp)
     scaler = torch.amp.GradScaler(device.type, enabled=rt["dtype"] == "fp16")
     bayes = None
@@ -482,15 +615,28 @@ def train(cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: 
         bayes = {"auc": roc_auc(tl, ty), "logloss": log_loss(tl, ty)}
     if master:
         os.makedirs(cfg.out, exist_ok=True)
-        save_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "derived": hp,
-                                                         "world_size": world, "dtype_resolved": rt["dtype"]})
+        save_json(
+            os.path.join(cfg.out, "config.json"),
+            {
+                **dataclasses.asdict(cfg),
+                "derived": hp,
+                "world_size": world,
+                "dtype_resolved": rt["dtype"],
+            },
+        )
         open(os.path.join(cfg.out, "metrics.jsonl"), "w").close()
-    say(f"data: {n_train:,} train rows, {len(eval_split[2]):,} {eval_name} rows, "
+    say(
+        f"data: {n_train:,} train rows, {len(eval_split[2]):,} {eval_name} rows, "
         f"{sum(data['field_dims']):,} embedding rows, {len(data['field_dims'])} fields, "
-        f"{data['n_dense']} dense | {world} rank(s) on {device.type}, {rt['dtype']}")
-    say(f"rule {cfg.scale_rule} @ batch {cfg.batch_size} (s={hp['scale']:g}): lr_dense {hp['lr_dense']:.4g} "
+        f"{data['n_dense']} dense | {world} rank(s) on {device.type}, {rt['dtype']}"
+    )
+    say(
+        f"rule {cfg.scale_rule} @ batch {cfg.batch_size} (s={hp['scale']:g}): "
+        f"lr_dense {hp['lr_dense']:.4g} "
         f"lr_embed {hp['lr_embed']:.4g} l2 {hp['l2']:.4g} warmup {hp['warmup_steps']} steps "
-        f"({cfg.warmup_epochs:g} epoch) | clip {cfg.clip} r {cfg.cowclip_r:g} zeta {cfg.cowclip_zeta:g}")
+        f"({cfg.warmup_epochs:g} epoch) | clip {cfg.clip} r {cfg.cowclip_r:g} "
+        f"zeta {cfg.cowclip_zeta:g}"
+    )
 
     def log(row: dict) -> None:
         if master:
@@ -500,7 +646,7 @@ def train(cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: 
     total_steps, step, train_time, history = cfg.epochs * steps_per_epoch, 0, 0.0, []
     per_rank = cfg.batch_size // world
     gen = torch.Generator().manual_seed(cfg.seed)
-    clip_stats = [0, 0]
+    clip_stats, clip_total = [0, 0], [0, 0]
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n_train, generator=gen).to(device)  # same permutation on every rank
         t0 = time.time()
@@ -511,12 +657,16 @@ def train(cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: 
                 for g in opt_d.param_groups:
                     g["lr"] = 1e-8 + (hp["lr_dense"] - 1e-8) * frac
             # ---- this rank's share of the global batch (detail 8)
-            idx = perm[i * cfg.batch_size + rank * per_rank: i * cfg.batch_size + (rank + 1) * per_rank]
+            idx = perm[
+                i * cfg.batch_size + rank * per_rank : i * cfg.batch_size + (rank + 1) * per_rank
+            ]
             batch = tuple(t[idx] for t in train_split)
             # ---- update
             loss, nc, nr = train_step(model, raw, batch, opt_e, opt_d, scaler, hp, cfg, ddp)
             clip_stats[0] += nc
             clip_stats[1] += nr
+            clip_total[0] += nc
+            clip_total[1] += nr
             step += 1
             # ---- logging
             if step % cfg.log_every == 0 or i == steps_per_epoch - 1:
@@ -529,41 +679,77 @@ def train(cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: 
                 sps = step * cfg.batch_size / elapsed
                 eta = (total_steps - step) * elapsed / step
                 frac_clip = clip_stats[0] / max(1, clip_stats[1])
-                row = {"step": step, "epoch": step / steps_per_epoch,
-                       "loss": loss.item(), "lr_dense": opt_d.param_groups[0]["lr"],
-                       "clip_frac": frac_clip, "samples_per_s": sps, "wall_s": time.time() - t_start}
+                row = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "loss": loss.item(),
+                    "lr_dense": opt_d.param_groups[0]["lr"],
+                    "clip_frac": frac_clip,
+                    "samples_per_s": sps,
+                    "wall_s": time.time() - t_start,
+                }
                 log(row)
-                say(f"step {step}/{total_steps} ep {epoch + 1} | loss {row['loss']:.4f} | rows clipped "
-                    f"{100 * frac_clip:.2f}% of present | lr_d {row['lr_dense']:.3g} | {sps:,.0f} samples/s "
-                    f"| ETA {eta:.0f}s")
+                say(
+                    f"step {step}/{total_steps} ep {epoch + 1} | loss {row['loss']:.4f} | "
+                    f"rows clipped {100 * frac_clip:.2f}% of present | "
+                    f"lr_d {row['lr_dense']:.3g} | "
+                    f"{sps:,.0f} samples/s "
+                    f"| ETA {eta:.0f}s"
+                )
                 clip_stats = [0, 0]
         train_time += time.time() - t0
         metrics = evaluate(model, eval_split, ddp, rank, world)
         history.append({"epoch": epoch + 1, **metrics})
-        log({"step": step, "epoch": epoch + 1, f"{eval_name}_auc": metrics["auc"],
-             f"{eval_name}_logloss": metrics["logloss"], "wall_s": time.time() - t_start})
+        log(
+            {
+                "step": step,
+                "epoch": epoch + 1,
+                f"{eval_name}_auc": metrics["auc"],
+                f"{eval_name}_logloss": metrics["logloss"],
+                "wall_s": time.time() - t_start,
+            }
+        )
         extra = f" (Bayes-optimal {bayes['auc']:.4f} / {bayes['logloss']:.4f})" if bayes else ""
-        say(f"epoch {epoch + 1}/{cfg.epochs}: {eval_name} AUC {metrics['auc']:.4f} "
-            f"LogLoss {metrics['logloss']:.4f}{extra}")
+        say(
+            f"epoch {epoch + 1}/{cfg.epochs}: {eval_name} AUC {metrics['auc']:.4f} "
+            f"LogLoss {metrics['logloss']:.4f}{extra}"
+        )
     final = evaluate(model, test_split, ddp, rank, world)
-    summary = {"auc": final["auc"], "logloss": final["logloss"],
-               "bayes_auc": bayes["auc"] if bayes else None,
-               "bayes_logloss": bayes["logloss"] if bayes else None,
-               "samples_per_s": total_steps * cfg.batch_size / train_time, "train_time_s": train_time,
-               "total_time_s": time.time() - t_start, "steps": total_steps, "history": history,
-               "batch_size": cfg.batch_size, "scale_rule": cfg.scale_rule, "clip": cfg.clip, "hparams": hp,
-               "world_size": world, "device": device.type, "dtype": rt["dtype"]}
+    summary = {
+        "auc": final["auc"],
+        "logloss": final["logloss"],
+        "bayes_auc": bayes["auc"] if bayes else None,
+        "bayes_logloss": bayes["logloss"] if bayes else None,
+        "samples_per_s": total_steps * cfg.batch_size / train_time,
+        "train_time_s": train_time,
+        "total_time_s": time.time() - t_start,
+        "steps": total_steps,
+        "history": history,
+        "batch_size": cfg.batch_size,
+        "scale_rule": cfg.scale_rule,
+        "clip": cfg.clip,
+        "hparams": hp,
+        "clip_frac": clip_total[0]
+        / max(1, clip_total[1]),  # rows clipped / present rows, whole run
+        "world_size": world,
+        "device": device.type,
+        "dtype": rt["dtype"],
+    }
     if master:
         save_json(os.path.join(cfg.out, "summary.json"), summary)
         if cfg.save_model:
             from safetensors.torch import save_file
+
             tmp = os.path.join(cfg.out, "model.safetensors.tmp")
             save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()}, tmp)
             os.replace(tmp, os.path.join(cfg.out, "model.safetensors"))
         vs = f" vs Bayes-optimal {bayes['auc']:.4f}" if bayes else ""
-        say(f"done: test AUC {final['auc']:.4f}{vs}, LogLoss {final['logloss']:.4f} | batch {cfg.batch_size} "
+        say(
+            f"done: test AUC {final['auc']:.4f}{vs}, LogLoss {final['logloss']:.4f} | "
+            f"batch {cfg.batch_size} "
             f"{cfg.scale_rule}/{cfg.clip} | {summary['samples_per_s']:,.0f} samples/s | "
-            f"{train_time:.1f}s training, {summary['total_time_s']:.1f}s total -> {cfg.out}")
+            f"{train_time:.1f}s training, {summary['total_time_s']:.1f}s total -> {cfg.out}"
+        )
     return summary
 
 
@@ -580,26 +766,56 @@ def sweep(cfg: Config) -> list[dict]:
             if b > n_train:
                 print(f"skip batch {b}: larger than the {n_train} training rows")
                 continue
-            run = dataclasses.replace(cfg, batch_size=b, scale_rule=rule, sweep=False, save_model=False,
-                                      clip=cfg.clip if rule == "cowclip" else "none",
-                                      out=os.path.join(cfg.out, f"{rule}_{b}"))
+            run = dataclasses.replace(
+                cfg,
+                batch_size=b,
+                scale_rule=rule,
+                sweep=False,
+                save_model=False,
+                clip=cfg.clip if rule == "cowclip" else "none",
+                out=os.path.join(cfg.out, f"{rule}_{b}"),
+            )
             s = train(run, data, rt, quiet=True)
-            rows.append({"rule": rule, "clip": run.clip, "batch_size": b, "steps": s["steps"],
-                         "auc": s["auc"], "logloss": s["logloss"], "samples_per_s": s["samples_per_s"],
-                         "train_time_s": s["train_time_s"], "bayes_auc": s["bayes_auc"], **{
-                             k: s["hparams"][k] for k in ("lr_dense", "lr_embed", "l2")}})
+            rows.append(
+                {
+                    "rule": rule,
+                    "clip": run.clip,
+                    "batch_size": b,
+                    "steps": s["steps"],
+                    "auc": s["auc"],
+                    "logloss": s["logloss"],
+                    "samples_per_s": s["samples_per_s"],
+                    "train_time_s": s["train_time_s"],
+                    "bayes_auc": s["bayes_auc"],
+                    **{k: s["hparams"][k] for k in ("lr_dense", "lr_embed", "l2")},
+                }
+            )
             r = rows[-1]
-            print(f"{rule:8s} {b:7d}: AUC {r['auc']:.4f} LogLoss {r['logloss']:.4f} "
-                  f"{r['samples_per_s']:,.0f} samples/s {r['train_time_s']:.1f}s", flush=True)
+            print(
+                f"{rule:8s} {b:7d}: AUC {r['auc']:.4f} LogLoss {r['logloss']:.4f} "
+                f"{r['samples_per_s']:,.0f} samples/s {r['train_time_s']:.1f}s",
+                flush=True,
+            )
     bayes = rows[0]["bayes_auc"] if rows else None
-    lines = [f"Synthetic data: {n_train:,} train rows, {cfg.epochs} epochs, Bayes-optimal test AUC "
-             f"{bayes:.4f}" if bayes else f"data {cfg.data}, {cfg.epochs} epochs", "",
-             "| rule | clip | batch | steps | lr_dense | lr_embed | L2 | AUC | LogLoss | samples/s | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Synthetic data: {n_train:,} train rows, {cfg.epochs} epochs, Bayes-optimal test AUC "
+        f"{bayes:.4f}"
+        if bayes
+        else f"data {cfg.data}, {cfg.epochs} epochs",
+        "",
+        (
+            "| rule | clip | batch | steps | lr_dense | lr_embed | L2 | AUC | LogLoss | samples/s "
+            "| time (s) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['rule']} | {r['clip']} | {r['batch_size']} | {r['steps']} | {r['lr_dense']:.3g} | "
-                     f"{r['lr_embed']:.3g} | {r['l2']:.3g} | {r['auc']:.4f} | {r['logloss']:.4f} | "
-                     f"{r['samples_per_s']:,.0f} | {r['train_time_s']:.1f} |")
+        lines.append(
+            f"| {r['rule']} | {r['clip']} | {r['batch_size']} | {r['steps']} | "
+            f"{r['lr_dense']:.3g} | "
+            f"{r['lr_embed']:.3g} | {r['l2']:.3g} | {r['auc']:.4f} | {r['logloss']:.4f} | "
+            f"{r['samples_per_s']:,.0f} | {r['train_time_s']:.1f} |"
+        )
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "sweep.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -609,19 +825,45 @@ def sweep(cfg: Config) -> list[dict]:
     print("\n".join(lines))
     best = max(rows, key=lambda r: r["auc"]) if rows else None
     if best:
-        print(f"sweep done: {len(rows)} runs, best AUC {best['auc']:.4f} ({best['rule']} @ {best['batch_size']})"
-              f" -> {cfg.out}/sweep.md")
+        print(
+            f"sweep done: {len(rows)} runs, best AUC {best['auc']:.4f} "
+            f"({best['rule']} @ {best['batch_size']})"
+            f" -> {cfg.out}/sweep.md"
+        )
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # preprocessing of the real data sets (detail 11)
 
 CRITEO_INTS = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATS = [f"C{i}" for i in range(1, 27)]
-AVAZU_COLUMNS = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
-                 "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
-                 "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
+AVAZU_COLUMNS = [
+    "id",
+    "click",
+    "hour",
+    "C1",
+    "banner_pos",
+    "site_id",
+    "site_domain",
+    "site_category",
+    "app_id",
+    "app_domain",
+    "app_category",
+    "device_id",
+    "device_ip",
+    "device_model",
+    "device_type",
+    "device_conn_type",
+    "C14",
+    "C15",
+    "C16",
+    "C17",
+    "C18",
+    "C19",
+    "C20",
+    "C21",
+]
 HEX8 = re.compile(r"[0-9a-f]{8}")
 INT = re.compile(r"-?[0-9]+")
 
@@ -632,16 +874,20 @@ class BadRow(ValueError):
 
 def bars_bucket(v: int) -> int:
     """BARS/FuxiCTR Criteo_x4 integer bucketing: floor(ln(v)^2) if v > 2 else v."""
-    return int(math.floor(math.log(v) ** 2)) if v > 2 else v
+    return math.floor(math.log(v) ** 2) if v > 2 else v
 
 
 def parse_row(kind: str, fields: list[str], path: str, lineno: int) -> tuple[int, list, list[str]]:
     """Validate one raw row -> (label, dense ints or None for missing, categorical strings)."""
+
     def bad(msg: str) -> BadRow:
         return BadRow(f"{path}:{lineno}: {msg}")
+
     if kind == "criteo":
         if len(fields) != 40:
-            raise bad(f"expected 40 tab-separated fields (label, I1-I13, C1-C26), got {len(fields)}")
+            raise bad(
+                f"expected 40 tab-separated fields (label, I1-I13, C1-C26), got {len(fields)}"
+            )
         label, ints, cats = fields[0], fields[1:14], fields[14:]
         dense = []
         for name, v in zip(CRITEO_INTS, ints):
@@ -654,18 +900,24 @@ def parse_row(kind: str, fields: list[str], path: str, lineno: int) -> tuple[int
         names_cats = cats
     else:
         if len(fields) != 24:
-            raise bad(f"expected 24 comma-separated fields ({','.join(AVAZU_COLUMNS[:3])},...), got "
-                      f"{len(fields)}")
+            raise bad(
+                f"expected 24 comma-separated fields ({','.join(AVAZU_COLUMNS[:3])},...), got "
+                f"{len(fields)}"
+            )
         label, dense = fields[1], []
         if not re.fullmatch(r"[0-9]{8}", fields[2]):
             raise bad(f"field 'hour': expected YYMMDDHH, got {fields[2]!r}")
         names_cats = fields[2:]
     if label not in ("0", "1"):
-        raise bad(f"field '{'label' if kind == 'criteo' else 'click'}': expected 0 or 1, got {label!r}")
+        raise bad(
+            f"field '{'label' if kind == 'criteo' else 'click'}': expected 0 or 1, got {label!r}"
+        )
     return int(label), dense, names_cats
 
 
-def row_features(kind: str, encoding: str, dense: list, cats: list[str]) -> tuple[list[float], list[str]]:
+def row_features(
+    kind: str, encoding: str, dense: list, cats: list[str]
+) -> tuple[list[float], list[str]]:
     """Map a parsed row to (dense floats before scaling, categorical tokens) for one encoding."""
     if encoding == "lbctr":  # reference data_utils.py: missing cats -> "-1", missing ints -> 0
         return [0.0 if v is None else float(v) for v in dense], [c if c else "-1" for c in cats]
@@ -683,7 +935,10 @@ def iter_rows(kind: str, path: str, skip_bad: bool, bad_counter: list):
         if kind == "avazu":
             header = f.readline().rstrip("\r\n").split(",")
             if header != AVAZU_COLUMNS:
-                raise BadRow(f"{path}:1: header is not the Avazu train header ({','.join(AVAZU_COLUMNS[:4])},...)")
+                raise BadRow(
+                    f"{path}:1: header is not the Avazu train header "
+                    f"({','.join(AVAZU_COLUMNS[:4])},...)"
+                )
             reader, start = csv.reader(f), 2
         else:
             reader, start = (line.rstrip("\r\n").split("\t") for line in f), 1
@@ -697,7 +952,7 @@ def iter_rows(kind: str, path: str, skip_bad: bool, bad_counter: list):
 
 
 def preprocess(cfg: Config) -> dict:
-    """Two streaming passes over cfg.raw -> cfg.data/{train,valid,test}_{ids,dense,label}.npy + meta.json."""
+    """Two streaming passes: raw -> data/{split}_{ids,dense,label}.npy + meta.json + vocab/."""
     kind, enc = cfg.preprocess, cfg.encoding
     if kind not in ("criteo", "avazu") or enc not in ("lbctr", "bars"):
         raise SystemExit("--preprocess criteo|avazu with --encoding lbctr|bars")
@@ -711,7 +966,7 @@ def preprocess(cfg: Config) -> dict:
     for lineno, label, dense, cats in iter_rows(kind, cfg.raw, cfg.skip_bad_rows, bad):
         dvals, toks = row_features(kind, enc, dense, cats)
         if counts is None:
-            counts = [dict() for _ in toks]
+            counts = [{} for _ in toks]
             dmin, dmax = list(dvals), list(dvals)
         for c, t in zip(counts, toks):
             c[t] = c.get(t, 0) + 1
@@ -722,7 +977,7 @@ def preprocess(cfg: Config) -> dict:
             print(f"pass 1: {n:,} rows, {time.time() - t0:.0f}s", flush=True)
     if n == 0:
         raise SystemExit(f"{cfg.raw}: no valid rows")
-    # ---- vocabularies: lbctr = sklearn LabelEncoder (sorted, all values); bars = OOV id 0 + frequent values
+    # ---- vocabularies: lbctr = sklearn LabelEncoder (sorted, all values); bars = OOV 0 + frequent
     if enc == "lbctr":
         vocabs = [sorted(c) for c in counts]
     else:
@@ -733,14 +988,16 @@ def preprocess(cfg: Config) -> dict:
     if kind == "criteo":
         names = CRITEO_INTS + CRITEO_CATS if enc == "bars" else CRITEO_CATS
     else:
-        names = (["hour_of_day", "weekday", "weekend"] if enc == "bars" else ["hour"]) + AVAZU_COLUMNS[3:]
+        names = (
+            ["hour_of_day", "weekday", "weekend"] if enc == "bars" else ["hour"]
+        ) + AVAZU_COLUMNS[3:]
     # ---- fixed-seed split: a permutation assigns rows to test / valid / train
     rng = np.random.default_rng(cfg.split_seed)
     n_test, n_valid = round(cfg.test_frac * n), round(cfg.valid_frac * n)
     which = np.zeros(n, dtype=np.int8)  # 0 train, 1 valid, 2 test
     perm = rng.permutation(n)
     which[perm[:n_test]] = 2
-    which[perm[n_test:n_test + n_valid]] = 1
+    which[perm[n_test : n_test + n_valid]] = 1
     sizes = {"train": n - n_test - n_valid, "valid": n_valid, "test": n_test}
     # ---- pass 2: encode into memory-mapped arrays inside a temp folder, renamed at the end
     tmp = f"{cfg.data.rstrip('/')}.tmp{os.getpid()}"
@@ -752,10 +1009,16 @@ def preprocess(cfg: Config) -> dict:
             if m == 0:
                 continue
             arrays[split] = (
-                np.lib.format.open_memmap(os.path.join(tmp, f"{split}_ids.npy"), "w+", np.int32, (m, n_fields)),
-                np.lib.format.open_memmap(os.path.join(tmp, f"{split}_dense.npy"), "w+", np.float32,
-                                          (m, n_dense)),
-                np.lib.format.open_memmap(os.path.join(tmp, f"{split}_label.npy"), "w+", np.float32, (m,)))
+                np.lib.format.open_memmap(
+                    os.path.join(tmp, f"{split}_ids.npy"), "w+", np.int32, (m, n_fields)
+                ),
+                np.lib.format.open_memmap(
+                    os.path.join(tmp, f"{split}_dense.npy"), "w+", np.float32, (m, n_dense)
+                ),
+                np.lib.format.open_memmap(
+                    os.path.join(tmp, f"{split}_label.npy"), "w+", np.float32, (m,)
+                ),
+            )
         cursor = {"train": 0, "valid": 0, "test": 0}
         split_names = ["train", "valid", "test"]
         span = [max(hi - lo, 1e-12) for lo, hi in zip(dmin, dmax)]
@@ -781,13 +1044,25 @@ def preprocess(cfg: Config) -> dict:
         for name, v in zip(names, vocabs):
             with open(os.path.join(tmp, "vocab", f"{name}.txt"), "w") as f:
                 f.writelines(t + "\n" for t in v)
-        meta = {"source": os.path.abspath(cfg.raw), "kind": kind, "encoding": enc, "fields": names,
-                "field_dims": [len(v) for v in vocabs],
-                "offsets": np.cumsum([0] + [len(v) for v in vocabs[:-1]]).tolist(),
-                "n_dense": n_dense, "dense_fields": CRITEO_INTS if (kind == "criteo" and enc == "lbctr") else [],
-                "dense_min": dmin, "dense_max": dmax, "min_count": cfg.min_count if enc == "bars" else 1,
-                "rows": sizes, "positive_rate": pos / n, "split_seed": cfg.split_seed,
-                "test_frac": cfg.test_frac, "valid_frac": cfg.valid_frac, "bad_rows_skipped": bad[0]}
+        meta = {
+            "source": os.path.abspath(cfg.raw),
+            "kind": kind,
+            "encoding": enc,
+            "fields": names,
+            "field_dims": [len(v) for v in vocabs],
+            "offsets": np.cumsum([0] + [len(v) for v in vocabs[:-1]]).tolist(),
+            "n_dense": n_dense,
+            "dense_fields": CRITEO_INTS if (kind == "criteo" and enc == "lbctr") else [],
+            "dense_min": dmin,
+            "dense_max": dmax,
+            "min_count": cfg.min_count if enc == "bars" else 1,
+            "rows": sizes,
+            "positive_rate": pos / n,
+            "split_seed": cfg.split_seed,
+            "test_frac": cfg.test_frac,
+            "valid_frac": cfg.valid_frac,
+            "bad_rows_skipped": bad[0],
+        }
         save_json(os.path.join(tmp, "meta.json"), meta)
         if os.path.exists(cfg.data):
             shutil.rmtree(cfg.data)
@@ -795,15 +1070,19 @@ def preprocess(cfg: Config) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"preprocessed {n:,} rows ({bad[0]} bad rows skipped) -> {cfg.data}: {sizes}, "
-          f"{sum(meta['field_dims']):,} embedding rows, {time.time() - t0:.0f}s")
+    print(
+        f"preprocessed {n:,} rows ({bad[0]} bad rows skipped) -> {cfg.data}: {sizes}, "
+        f"{sum(meta['field_dims']):,} embedding rows, {time.time() - t0:.0f}s"
+    )
     return meta
 
 
 def decode_ids(folder: str, ids: np.ndarray) -> list[list[str]]:
     """Inverse of the categorical encoding: per-field ids (N, F) -> tokens, via the vocab files."""
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    vocabs = [open(os.path.join(folder, "vocab", f"{n}.txt")).read().split("\n")[:-1] for n in meta["fields"]]
+    meta = json.loads(Path(folder, "meta.json").read_text())
+    vocabs = [
+        Path(folder, "vocab", f"{n}.txt").read_text().split("\n")[:-1] for n in meta["fields"]
+    ]
     return [[vocabs[f][int(i)] for f, i in enumerate(row)] for row in ids]
 
 
@@ -813,7 +1092,7 @@ def decode_dense(meta: dict, dense: np.ndarray) -> np.ndarray:
     return dense * np.maximum(hi - lo, 1e-12) + lo
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -822,7 +1101,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if f.type in ("bool", bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            typ = {"int": int, "float": float, "str": str}[
+                f.type if isinstance(f.type, str) else f.type.__name__
+            ]
             p.add_argument(f"--{f.name}", type=typ, default=f.default)
     return Config(**vars(p.parse_args(argv)))
 

@@ -26,12 +26,14 @@ shared/reference/evaluation.md):
     level, the pair is tokenised whole and split; requests are sorted longest first, right padded and batched;
     log-softmax in fp32 over continuation positions only (the LM head runs on those positions only).
  5. Requests that share (context + continuation[:-1]) share one forward pass: the four single-token letters of
-    an MMLU question cost one forward (lm-eval's logits cache, PR #631).
+    an MMLU question cost one forward (lm-eval's logits cache, PR #631). 5b: multi-token choices of one
+    question share one pass over the context into the KV cache, copied per choice (lm-eval #1351 asks for it).
  6. acc = argmax of summed log-likelihood; acc_norm = argmax of log-likelihood / character length of the choice
     string (lm-eval's definition; ref d).
  7. Generation: left-padded batches sorted by length, greedy with the KV cache of model.py, stopped per row on
     EOS or a stop string (checked on the decoded text every step) and truncated at the first stop string.
     model.generate has no stop strings, so the decode loop lives here; it equals model.generate (tested).
+    On a short-context model, max_new_tokens is capped at half the window (the toy model has 256 positions).
  8. Extraction: GSM8K strict ("The answer is N" / "#### N") and flexible (last number) with unparsed rates
     (lm-eval #1159); MC letters take the first "(X)" (GPT-Fathom R-MC) but compare by equality, not
     starts-with; QA reports exact match, SQuAD F1 and GPT-Fathom's fuzzy match as separately named metrics.
@@ -66,14 +68,24 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from model import (MistralForCausalLM, Tokenizer, autocast_ctx, cleanup_distributed, init_distributed,
-                   pad_batch, parse_config, resolve_device_dtype, write_json_atomic)
+from model import (
+    MistralForCausalLM,
+    Tokenizer,
+    autocast_ctx,
+    cleanup_distributed,
+    init_distributed,
+    pad_batch,
+    parse_config,
+    resolve_device_dtype,
+    write_json_atomic,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -107,6 +119,7 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model (helps long GPU runs only)
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (1 helps on an oversubscribed machine)
 
     def __post_init__(self) -> None:
         self.fewshot_seeds = [int(s) for s in self.fewshot_seeds]
@@ -340,15 +353,16 @@ def read_json_rows(path: Path) -> list[tuple[int, dict]]:
 _TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer"}
 
 
-def get(row: dict, name: str, where: str, typ: type | tuple | None = None) -> Any:
-    """row[name] or a DataError naming file:line and the field."""
+def get(row: dict, name: str, where: str, typ: type | tuple | None = None, parent: str = "") -> Any:
+    """row[name] or a DataError naming file:line and the field (parent.name for nested fields)."""
+    name_shown = f"{parent}.{name}" if parent else name
     if name not in row:
-        raise DataError(f"{where}: field {name!r} missing")
+        raise DataError(f"{where}: field {name_shown!r} missing")
     v = row[name]
     if typ is not None and not isinstance(v, typ):
         want = _TYPE_NAMES.get(typ, str(typ)) if isinstance(typ, type) else " or ".join(
             _TYPE_NAMES.get(t, str(t)) for t in typ)
-        raise DataError(f"{where}: field {name!r} must be {want}, got {type(v).__name__}")
+        raise DataError(f"{where}: field {name_shown!r} must be {want}, got {type(v).__name__}")
     return v
 
 
@@ -408,7 +422,8 @@ def load_arc(path: Path) -> list[dict]:
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
         ch = get(row, "choices", where, dict)
-        texts, labels = get(ch, "text", where + " choices", list), get(ch, "label", where + " choices", list)
+        texts = get(ch, "text", where, list, parent="choices")
+        labels = get(ch, "label", where, list, parent="choices")
         key = get(row, "answerKey", where, str)
         if key not in labels:
             raise DataError(f"{where}: field 'answerKey' {key!r} is not among choices.label {labels}")
@@ -479,7 +494,7 @@ def load_triviaqa(path: Path) -> list[dict]:
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
         ans = get(row, "answer", where, dict)
-        golds = list(dict.fromkeys([get(ans, "value", where + " answer", str)] + list(ans.get("aliases", []))
+        golds = list(dict.fromkeys([get(ans, "value", where, str, parent="answer")] + list(ans.get("aliases", []))
                                    + list(ans.get("normalized_aliases", []))))
         docs.append({"id": str(row.get("question_id", i)), "subset": "",
                      "question": get(row, "question", where, str), "golds": golds})
@@ -517,7 +532,7 @@ def load_drop(path: Path) -> list[dict]:
     docs = []
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
-        spans = get(get(row, "answers_spans", where, dict), "spans", where + " answers_spans", list)
+        spans = get(get(row, "answers_spans", where, dict), "spans", where, list, parent="answers_spans")
         docs.append({"id": str(row.get("query_id", i)), "subset": "", "passage": get(row, "passage", where, str),
                      "question": get(row, "question", where, str), "golds": [str(s) for s in spans]})
     return docs
@@ -632,7 +647,7 @@ def load_tydiqa(path: Path) -> list[dict]:
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
         rid = get(row, "id", where, str)
-        texts = get(get(row, "answers", where, dict), "text", where + " answers", list)
+        texts = get(get(row, "answers", where, dict), "text", where, list, parent="answers")
         docs.append({"id": rid, "subset": rid.split("-")[0], "question": get(row, "question", where, str),
                      "passage": get(row, "context", where, str), "golds": [str(t) for t in texts]})
     return docs
@@ -682,7 +697,7 @@ def load_truthfulqa_mc(path: Path) -> list[dict]:
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
         mc1 = get(row, "mc1_targets", where, dict)
-        choices, labels = get(mc1, "choices", where + " mc1_targets", list), get(mc1, "labels", where, list)
+        choices, labels = get(mc1, "choices", where, list, parent="mc1_targets"), get(mc1, "labels", where, list)
         if len(choices) != len(labels) or sum(labels) != 1:
             raise DataError(f"{where}: field 'mc1_targets' needs one label 1 per choices list")
         docs.append({"id": str(i), "subset": "", "question": get(row, "question", where, str),
@@ -696,7 +711,7 @@ def load_rtp(path: Path) -> list[dict]:
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
         docs.append({"id": str(i), "subset": "", "prompt": get(get(row, "prompt", where, dict), "text",
-                                                             where + " prompt", str)})
+                                                             where, str, parent="prompt")})
     return docs
 
 
@@ -856,18 +871,18 @@ def _toy(base: str, path: str, fewshot: str = "", **kw) -> TaskSpec:
 
 # Toy budget (issue 6: <= 2 min on 2 CPU cores for base/SFT/PPO): item caps and generation lengths.
 TOY_TASKS = [
-    _toy("mmlu", "eval/mmlu/test", "eval/mmlu/dev", limit=100),
+    _toy("mmlu", "eval/mmlu/test", "eval/mmlu/dev", limit=60),
     _toy("arc_easy", "eval/arc_easy/test.jsonl", "eval/arc_easy/train.jsonl", limit=100),
     _toy("triviaqa", "eval/triviaqa/validation.jsonl", "eval/triviaqa/train.jsonl", limit=100,
          max_new_tokens=8),
-    _toy("lambada", "eval/lambada/test.jsonl", "head:15", limit=100, max_new_tokens=6),
-    _toy("hellaswag", "eval/hellaswag/validation.jsonl", "eval/hellaswag/train.jsonl", limit=60),
+    _toy("lambada", "eval/lambada/test.jsonl", "head:15", limit=60, max_new_tokens=6),
+    _toy("hellaswag", "eval/hellaswag/validation.jsonl", "eval/hellaswag/train.jsonl", limit=40),
     _toy("winogrande", "eval/winogrande/dev.jsonl", "eval/winogrande/train.jsonl", limit=100),
-    _toy("race_m", "eval/race/test.jsonl", "eval/race/train.jsonl", limit=100),
-    _toy("gsm8k", "eval/gsm8k/test.jsonl", "eval/gsm8k/train.jsonl", limit=60, shots=4, max_new_tokens=40),
+    _toy("race_m", "eval/race/test.jsonl", "eval/race/train.jsonl", limit=60),
+    _toy("gsm8k", "eval/gsm8k/test.jsonl", "eval/gsm8k/train.jsonl", limit=40, shots=4, max_new_tokens=40),
     _toy("humaneval", "eval/humaneval/test.jsonl", limit=54, max_new_tokens=24, instruction=""),
     _toy("truthfulqa_mc1", "eval/truthfulqa/mc.jsonl", "head:1", limit=100),
-    _toy("realtoxicity", "eval/realtoxicity/prompts.jsonl", limit=60, max_new_tokens=24),
+    _toy("realtoxicity", "eval/realtoxicity/prompts.jsonl", limit=40, max_new_tokens=24),
     dataclasses.replace(TASKS["realtoxicity"], name="toy_redteam", loader="hh_prompts",
                         path="prompts/test.jsonl", root="toy", limit=60, max_new_tokens=32,
                         stop=("\n\nHuman:",), loader_args=(("kind", "red_team"),),
@@ -1000,7 +1015,7 @@ def render_example(spec: TaskSpec, doc: dict, mode: str, variant: str, answer: b
         if answer:
             body = doc.get("cot", "") if spec.cot else ""
             gold = doc["golds"][0]
-            tail = "" if "\\boxed" in body else f" The answer is {gold}."
+            tail = "" if "\\boxed" in body or "The answer is" in body else f" The answer is {gold}."
             return f"{q_lab} {doc['question']}\n{a_lab} {body}{tail}".rstrip()
         return f"{q_lab} {doc['question']}\n{a_lab}" + (" Let's think step by step." if spec.cot else "")
     if fmt == "bbh":
@@ -1087,8 +1102,8 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and (now - self.last > self.every) and self.done < self.total:
             rate = self.done / (now - self.t0)
-            print(f"  {self.what}: {self.done}/{self.total} ({rate:.1f}/s, ETA {(self.total - self.done) / rate:.0f}s)",
-                  flush=True)
+            eta = (self.total - self.done) / rate
+            print(f"  {self.what}: {self.done}/{self.total} ({rate:.1f}/s, ETA {eta:.0f}s)", flush=True)
             self.last = now
 
 
@@ -1167,6 +1182,7 @@ class LM:
         def run(j: int, batch: list) -> dict:
             inputs = [list(k[1]) for k in batch]
             ids, mask = pad_batch(inputs, self.tok.pad_id, side="right")
+            self.counts["forward_tokens"] += sum(len(x) for x in inputs)
             with autocast_ctx(self.device, self.dtype):
                 h = self.model.model(ids.to(self.device), mask.to(self.device))  # (B, T, hidden)
             rows, cols, spans = [], [], []
@@ -1214,6 +1230,7 @@ class LM:
             ids, mask = pad_batch([list(c) for c in batch], self.tok.pad_id, side="left")
             members = [(r, i) for r, c in enumerate(batch) for i in groups[c]]
             conts = [reqs[i][1] for _, i in members]
+            self.counts["forward_tokens"] += sum(len(c) for c in batch) + sum(len(t) - 1 for t in conts)
             max_c = max(len(t) for t in conts)
             with autocast_ctx(self.device, self.dtype):
                 cache = model.new_cache(len(batch), ids.shape[1] + max_c)
@@ -1263,6 +1280,9 @@ class LM:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, stop: tuple | list = (),
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
+        if max_new_tokens > self.max_length // 2:  # a short-context model: keep half the window for the prompt
+            max_new_tokens = self.max_length // 2
+            self.counts["max_new_tokens_capped"] += 1
         enc = [self.tok.encode(p, bos=True)[-(self.max_length - max_new_tokens):] for p in prompts]
         order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), enc[i]))
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
@@ -1351,7 +1371,7 @@ def _limits(timeout: float, memory_mb: int) -> Callable[[], None]:
     def apply() -> None:  # runs in the child between fork and exec
         import resource
         mem = memory_mb * 2**20
-        for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, int(math.ceil(timeout)) + 1),
+        for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, math.ceil(timeout) + 1),
                          (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_CORE, 0)):
             try:
                 resource.setrlimit(lim, (val, val))
@@ -1369,7 +1389,8 @@ def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024) -> st
         (Path(d) / "program.py").write_text(program)
         proc = subprocess.Popen([sys.executable, "-I", "program.py"], cwd=d, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=_limits(timeout, memory_mb), start_new_session=True,
+                                preexec_fn=_limits(timeout, memory_mb),  # noqa: PLW1509 (only setrlimit runs)
+                                start_new_session=True,
                                 env={"PATH": os.defpath, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"})
         try:
             _, err = proc.communicate(timeout=timeout)
@@ -1403,7 +1424,7 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
     spec, cfg = td.spec, ctx.cfg
     k = spec.shots if cfg.shots < 0 else cfg.shots
     variant = cfg.template
-    max_new = cfg.max_new_tokens or spec.max_new_tokens
+    max_new = min(cfg.max_new_tokens or spec.max_new_tokens, lm.max_length // 2)  # LM.generate caps it too
     samples: list[dict] = []
     metrics: dict[str, Any] = {}
     reduced = 0
@@ -1420,7 +1441,7 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
             for c, cont in enumerate(conts):
                 if c == 0 or spec.ll_target == "partial":  # only partial scoring varies the context
                     prompt, used = build_prompt(td, doc, "ll", k, fewshot_seed, variant,
-                                                lambda p: len(lm.tok.encode(p, bos=True)) <= budget, choice=c)
+                                                lambda p, b=budget: len(lm.tok.encode(p, bos=True)) <= b, choice=c)
                     reduced += c == 0 and used < min(k, len(td.pool))
                 reqs.append((prompt, cont))
                 owner.append(n)
@@ -1461,7 +1482,7 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
             cont = " " + doc["golds"][0]
             budget = lm.max_length - len(lm.tok.encode(cont, bos=False)) - 1
             p, used = build_prompt(td, doc, "ll", k, fewshot_seed, variant,
-                                   lambda s: len(lm.tok.encode(s, bos=True)) <= budget)
+                                   lambda s, b=budget: len(lm.tok.encode(s, bos=True)) <= b)
             reduced += used < min(k, len(td.pool))
             reqs.append((p, cont))
         res = lm.loglikelihood(reqs)
@@ -1494,6 +1515,7 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
         metrics["chance"] = _r(sum(1 / len(d["choices"]) for d in td.docs) / len(td.docs))
     subsets = sorted({s.get("subset", "") for s in samples} - {""})
     if len(subsets) > 1 and spec.primary in samples[0]:  # macro over subjects/tasks/languages; micro above
+        # (MMLU's headline is the micro average over all items; lm-eval #1525 on micro vs macro)
         per = {s: mean_stderr([x[spec.primary] for x in samples if x.get("subset") == s])[0] for s in subsets}
         metrics[f"{spec.primary}_macro"] = _r(sum(per.values()) / len(per))
         metrics["subsets"] = {s: _r(v) for s, v in per.items()}
@@ -1502,7 +1524,7 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
 
 def _r(x: float) -> float:
     """Round for byte-stable JSON (detail 12)."""
-    return round(float(x), 6) if x == x and abs(x) != float("inf") else x
+    return round(float(x), 6) if math.isfinite(x) else x
 
 
 def _mean_metric(name: str, xs: list[float]) -> dict[str, float]:
@@ -1675,7 +1697,7 @@ TABLE_METRICS = {"qa": ["fuzzy_acc", "em", "f1"], "rc": ["f1", "em"], "bbh": ["e
 
 def table_rows(spec: TaskSpec, mode: str) -> list[str]:
     if spec.mc:
-        return ["acc", "acc_norm"] if mode == "ll" else ["acc", "unparsed_rate"]
+        return ["acc", "acc_norm", "acc_macro"] if mode == "ll" else ["acc", "unparsed_rate", "acc_macro"]
     if spec.fmt == "math":
         return ["acc"] if spec.loader == "math" else ["acc_strict", "acc_flexible", "unparsed_strict_rate"]
     if spec.fmt == "cloze" and mode == "ll":
@@ -1686,7 +1708,7 @@ def table_rows(spec: TaskSpec, mode: str) -> list[str]:
 def _fmt(v: Any, se: Any = None, pct: bool = True) -> str:
     if isinstance(v, str):
         return v
-    if v is None or v != v:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if pct:
         return f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if isinstance(se, float) else "")
@@ -1706,6 +1728,9 @@ def markdown_tables(results: dict, tasks: list[TaskData], models: list[str], cfg
             spec = td.spec
             for mode in task_modes(spec, cfg):
                 for m in table_rows(spec, mode):
+                    if not any(m in results[n][spec.name].get(mode, {}) or "skipped" in
+                               results[n][spec.name].get(mode, {}) for n in models):
+                        continue  # e.g. judge_reward without --judge
                     cells, chance = [], "-"
                     for name in models:
                         r = results[name][spec.name].get(mode, {})
@@ -1830,7 +1855,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     dist_info = init_distributed(cfg.device)
     main_rank = dist_info.is_main
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
-    if dist_info.ddp and device.type == "cpu":  # ranks share the cores
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    elif dist_info.ddp and device.type == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist_info.world_size))
     models = parse_models(cfg.model)
     for name, path in models:
@@ -1942,13 +1969,12 @@ def evaluate(cfg: EvalConfig) -> dict:
                 d.mkdir(parents=True, exist_ok=True)
                 for key, rows in all_samples[n].items():
                     with open(d / f"{key}.jsonl.tmp", "w") as f:
-                        for row in rows:
-                            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
                     os.replace(d / f"{key}.jsonl.tmp", d / f"{key}.jsonl")
         print("\n" + header + table)
         total = sum(timings[n]["total_s"] for n in names)
-        cats = "; ".join(f"{n}: " + ", ".join(f"{c[:4]} {100 * v:.1f}" for c, v in record["category_macro"][n].items())
-                         for n in names)
+        cats = "; ".join(f"{n}: " + ", ".join(f"{c[:4]} {100 * v:.1f}"
+                                              for c, v in record["category_macro"][n].items()) for n in names)
         print(f"evaluate: {len(live)} tasks x {len(names)} models in {total:.1f}s, settings {shash} -> "
               f"{out / 'results.json'} | {cats}")
     cleanup_distributed()

@@ -27,7 +27,7 @@ else
     SIZE=default
     PRE=()
     # SFT baseline: a short, gentler run from the base model (response tokens only; pretrain.py detail 8)
-    SFT=(--lr 1e-3 --max_steps 120 --warmup_steps 10 --batch_size 16 --eval_interval 60 --log_interval 20)
+    SFT=(--lr 1e-3 --max_steps 60 --warmup_steps 5 --batch_size 16 --eval_interval 60 --log_interval 10)
 fi
 read -r -a PRE_EXTRA <<< "${PRETRAIN_ARGS:-}"
 read -r -a SFT_EXTRA <<< "${SFT_ARGS:-}"
@@ -54,7 +54,7 @@ python - "$OUT" "$((SECONDS - T0))" <<'EOF'
 import json, sys
 out, total = sys.argv[1], sys.argv[2]
 times = dict(line.split() for line in open(f"{out}/pipeline_times.txt"))
-print(f"\n{'':24}{'base':>10}{'SFT':>10}")
+print(f"\n{'':28}{'base':>8}{'SFT':>8}")
 rows = [("red-team toxicity (T=1)", "red_team_toxicity", "{:.0%}"), ("general toxicity (T=1)", "general_toxicity", "{:.0%}"),
         ("ends with EOS", "eos_rate", "{:.0%}"), ("knowledge acc (chance 25%)", "knowledge_acc", "{:.0%}"),
         ("arithmetic acc (chance 25%)", "arithmetic_acc", "{:.0%}")]

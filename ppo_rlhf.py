@@ -13,7 +13,7 @@ a 5M-parameter model in four minutes; the field comment says which.
     python ppo_rlhf.py --kl_coef 0 --out out/ppo_nokl    # one ablation (bench/ablate_ppo.sh runs them all)
     torchrun --nproc_per_node=2 ppo_rlhf.py              # DDP: gloo on CPU, nccl on GPUs
     python ppo_rlhf.py --resume out/ppo                  # continue an interrupted run (same flags)
-    python ppo_rlhf.py --policy Mistral-7B-v0.1 --reward_model rm7b \\
+    python ppo_rlhf.py --actor Mistral-7B-v0.1 --reward_model rm7b \\
         --prompts harmless-base/train.jsonl.gz helpful-base/train.jsonl.gz --prompt_weights 0.7 0.3
 
 Each iteration: sample prompts -> generate with the KV cache -> score -> per-token rewards -> GAE -> several
@@ -74,6 +74,7 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +94,7 @@ from model import (JsonlLogger, MistralForCausalLM, Tokenizer, autocast_ctx, cle
 @dataclass
 class PPOConfig:
     # -- models and data
-    policy: str = "out/pretrain/final"  # base causal LM (HF folder): actor init and frozen reference (detail 2)
+    actor: str = "out/pretrain/final"  # base causal LM (HF folder): actor init and frozen reference (detail 2)
     reward_model: str = "out/reward_model/final"  # RewardModel folder, frozen; may be larger (detail 6)
     prompts: list[str] = field(default_factory=lambda: [
         "data/toy/prompts/train.jsonl#red_team", "data/toy/prompts/train.jsonl#general"])  # sources (10)
@@ -539,6 +540,8 @@ def evaluate(actor: MistralForCausalLM, ref: nn.Module, score_fn, tok: Tokenizer
     res = st.means()
     if lexicon_re is None:
         res = {k: v for k, v in res.items() if not k.startswith("toxicity")}
+    if not corpus:
+        res.pop("corpus_loss")
     return res, samples
 
 
@@ -625,20 +628,20 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         from reward_model import RewardModel  # the only import beyond model.py (DESIGN.md)
 
         state_dir = resolve_resume(cfg.resume) if cfg.resume else None
-        tok = Tokenizer.from_file(cfg.policy)
-        actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.policy, dev)
-        ref = MistralForCausalLM.from_pretrained(cfg.policy, dev, dtype=frozen_dtype)
+        tok = Tokenizer.from_file(cfg.actor)
+        actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.actor, dev)
+        ref = MistralForCausalLM.from_pretrained(cfg.actor, dev, dtype=frozen_dtype)
         V = actor.config.vocab_size
         if tok.pad_id >= V:  # Mistral ships no PAD: ours sits past the vocab, so inputs use 0 (masked anyway)
             tok.pad_id = 0
         if max(tok.bos_id, tok.eos_id) >= V or tok.vocab_size - 1 > V:
-            raise ValueError(f"{cfg.policy}: tokenizer has {tok.vocab_size} tokens but the model only {V}")
+            raise ValueError(f"{cfg.actor}: tokenizer has {tok.vocab_size} tokens but the model only {V}")
         rm = None
         if score_fn is None:
             rm_tok = Path(cfg.reward_model) / "tokenizer.json"
             if rm_tok.is_file() and Tokenizer.from_file(rm_tok).tk.get_vocab() != tok.tk.get_vocab():
                 raise ValueError(f"{rm_tok}: the reward model's tokenizer differs from the policy's "
-                                 f"({cfg.policy}); PPO scores token ids, so they must match")
+                                 f"({cfg.actor}); PPO scores token ids, so they must match")
             rm = RewardModel.from_pretrained(cfg.reward_model, device=dev, dtype=frozen_dtype)
 
             def score_fn(seq, attn, P, has_eos):
@@ -649,7 +652,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         elif cfg.critic_init == "reward":
             critic = RewardModel.from_pretrained(cfg.reward_model, device=dev)  # detail 2 (N+, OpenRLHF)
         else:
-            critic = RewardModel.from_causal_lm(cfg.policy, device=dev)
+            critic = RewardModel.from_causal_lm(cfg.actor, device=dev)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"ppo_rlhf: error: {e}") from None
     critic = critic.float()
@@ -691,15 +694,17 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         if state_dir and metrics.is_file():  # drop rows logged after the state we resume from
             keep = [ln for ln in metrics.read_text().splitlines() if json.loads(ln).get("iter", 0) <= start_it]
             metrics.write_text("".join(ln + "\n" for ln in keep))
-        elif not state_dir:
+        elif not state_dir:  # a fresh run starts fresh logs
             metrics.unlink(missing_ok=True)
+            (run_dir / "eval_samples.jsonl").unlink(missing_ok=True)
         logger = JsonlLogger(metrics)
-        n_act = sum(p.numel() for p in actor.parameters())
+        n_act, n_crit = (sum(p.numel() for p in m.parameters()) for m in (actor, critic))
         n_rm = sum(p.numel() for p in rm.parameters()) if rm is not None else 0
-        log(f"ppo_rlhf: actor/ref {n_act / 1e6:.2f}M, critic {sum(p.numel() for p in critic.parameters()) / 1e6:.2f}M,"
-            f" RM {n_rm / 1e6:.2f}M params | {world} rank(s) on {dev} {ptdtype} | "
-            f"{cfg.total_iters} iters x {cfg.rollout_batch_size} prompts | sources "
-            + ", ".join(f"{s} ({len(x)}, w={w:g})" for s, x, w in zip(cfg.prompts, sources, cfg.prompt_weights)))
+        log("config: " + json.dumps(dataclasses.asdict(cfg)))
+        log(f"ppo_rlhf: actor/ref {n_act / 1e6:.2f}M, critic {n_crit / 1e6:.2f}M, RM {n_rm / 1e6:.2f}M params | "
+            f"{world} rank(s) on {dev} {ptdtype} | {cfg.total_iters} iters x {cfg.rollout_batch_size} prompts | "
+            "sources " + ", ".join(f"{s} ({len(x)}, w={w:g})"
+                                   for s, x, w in zip(cfg.prompts, sources, cfg.prompt_weights)))
 
     def run_eval(it: int, tag: str) -> dict:
         res, samples = evaluate(actor, ref, score_fn, tok, eval_prompts, corpus, lexicon_re, cfg, dev, amp,
@@ -784,27 +789,30 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                 if cfg.adv_norm == "minibatch":  # 7: PPO2/CleanRL-style per-minibatch normalisation
                     a = masked_whiten(a, m)
                 pg_loss, pst = ppo_policy_loss(lp, ro["old_lp"][idx], a, m, cfg.cliprange, denom)  # 1
-                actor_loss = pg_loss
-                if cfg.ptx_coef > 0:  # 15: PPO-ptx
-                    docs = [ptx_docs[j] for j in torch.randint(len(ptx_docs), (cfg.ptx_batch_size,),
-                                                               generator=gcpu).tolist()]
-                    with amp:
-                        nll, ntok = lm_loss_sums(actor_fwd, tok, docs)
-                    ptx_loss = nll / ntok
-                    actor_loss = actor_loss + cfg.ptx_coef * ptx_loss
-                    st.add("loss/ptx_avg", ptx_loss)
                 # 16: ratio guard and approx-KL early stop, decided on global numbers so all ranks agree
                 g = all_reduce_sum(torch.stack([(pst["ratio"] * m).sum(), (pst["approxkl"] * m).sum(),
                                                 m.sum()]).double())
                 ratio_mean, approxkl = (g[0] / g[2]).item(), (g[1] / g[2]).item()
                 skip = ratio_mean > cfg.ratio_threshold
+                keep = 0.0 if skip else 1.0  # backward still runs, so every DDP rank joins the same all-reduce
+                # with PPO-ptx the actor runs a second forward: the first backward skips DDP's all-reduce and
+                # the second reduces the sum of both gradients (the gradient-accumulation pattern)
+                two_passes = dinfo.ddp and cfg.ptx_coef > 0
+                with actor_train.no_sync() if two_passes else nullcontext():
+                    scaler.scale(pg_loss * keep).backward()
+                if cfg.ptx_coef > 0:  # 15: PPO-ptx, a language-modelling loss on pretraining text
+                    docs = [ptx_docs[j] for j in torch.randint(len(ptx_docs), (cfg.ptx_batch_size,),
+                                                               generator=gcpu).tolist()]
+                    with amp:
+                        nll, ntok = lm_loss_sums(actor_fwd, tok, docs)
+                    ptx_loss = nll / ntok
+                    scaler.scale(cfg.ptx_coef * ptx_loss * keep).backward()
+                    st.add("loss/ptx_avg", ptx_loss)
                 with amp:
                     v = critic_fwd(seq[idx], attn[idx])[:, P - 1:-1].float()
                 vf_loss, vst = ppo_value_loss(v, ro["values"][idx], returns[idx], m, cfg.cliprange_value,
                                               denom)  # 9
-                # backward runs even for a skipped minibatch so every DDP rank joins the same all-reduce
-                scaler.scale(actor_loss * (0.0 if skip else 1.0)).backward()
-                scaler.scale(vf_loss * (0.0 if skip else 1.0)).backward()
+                scaler.scale(vf_loss * keep).backward()
                 if skip:
                     n_skipped += 1
                     warnings.warn(f"it {it}: mean ratio {ratio_mean:.2f} > ratio_threshold "
@@ -866,7 +874,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                "lr/actor": lr_a, "lr/critic": lr_c, "ppo/minibatches_skipped": n_skipped,
                "ppo/early_stopped": stopped_early, "time/generate": ro["t_generate"],
                "time/score": ro["t_score"], "time/update": t_done - t_adv,
-               "time/iteration": t_tot, "tokens_per_s": n_tok / t_tot}
+               "time/iteration": t_tot, "tokens_per_s": n_tok / t_tot,
+               "shape/prompt_width": P, "shape/response_width": mask.shape[1]}  # padded widths (rank 0)
         if s["objective/kl"] < -1.0:  # detail 5: old TRL's threshold; tiny negatives are sampling noise
             warnings.warn(f"it {it}: batch KL {s['objective/kl']:.4f} < 0: check that sampling uses top_k 0, "
                           f"top_p 1 and the same temperature as the log-probs (TRL #351, #1857)", stacklevel=1)
@@ -910,7 +919,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             critic.save_pretrained(run_dir / "critic", tokenizer=tok)
     if dinfo.is_main:
         write_json_atomic(run_dir / "summary.json", summary)
-        if "final" in summary:
+        if "final" in summary:  # with held-out evaluation
             b, f = summary["base"], summary["final"]
             tk = f"toxicity_rate/{PROMPT_KINDS_TOXIC}"
             log(f"ppo_rlhf done in {summary['time_s']:.0f}s: red-team toxicity {b.get(tk, float('nan')):.3f} -> "
@@ -918,6 +927,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                 f"EOS {b['eos_rate']:.2f} -> {f['eos_rate']:.2f}, KL {f['kl']:.2f}, corpus loss "
                 f"{b.get('corpus_loss', float('nan')):.4f} -> {f.get('corpus_loss', float('nan')):.4f}; "
                 f"policy in {run_dir / 'final'}")
+        elif it == cfg.total_iters:
+            log(f"ppo_rlhf done in {summary['time_s']:.0f}s; policy in {run_dir / 'final'}")
         else:
             log(f"ppo_rlhf stopped after iteration {it}/{cfg.total_iters}; resume with --resume {run_dir}")
     cleanup_distributed()

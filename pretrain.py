@@ -70,35 +70,36 @@ class Config:
     out: str = "out/pretrain"  # run folder: config.json, metrics.jsonl, summary.json, last/, final/
     init: str = ""  # HF checkpoint folder to start from (continue pretraining, or the base model for --sft)
     tokenizer: str = ""  # tokenizer.json or folder; "" = from --init, else train one on the data (detail 1)
-    vocab_size: int = 4096  # when training a tokenizer: total size incl. 3 specials, 256 bytes and <pad>
+    vocab_size: int = 2048  # when training a tokenizer: total size incl. 3 specials, 256 bytes and <pad>
     sft: bool = False  # supervised fine-tuning on prompt/response data (detail 8); requires --init
     resume: str = ""  # run folder to continue (reads its last/ and config.json) (detail 9)
-    # model shape (ignored with --init): the toy base model, ~5.5M parameters with a 4K vocab
-    hidden_size: int = 256  # residual width
-    num_hidden_layers: int = 6  # transformer blocks
-    num_attention_heads: int = 8  # query heads
-    num_key_value_heads: int = 4  # KV heads (grouped-query attention, as Mistral)
-    intermediate_size: int = 704  # SwiGLU width (~2.75 x hidden, as Mistral's 14336/4096 = 3.5 rounded down)
-    tie_word_embeddings: bool = True  # share input/output embeddings: saves 1M of 5.5M params at this size
+    # model shape (ignored with --init): the toy base model, 2.0M parameters with a 2K vocab. Sized by the
+    # CPU budget: 2 cores train it at ~1K tokens/s, so a 5M model would see too few tokens in 4 minutes.
+    hidden_size: int = 192  # residual width
+    num_hidden_layers: int = 4  # transformer blocks
+    num_attention_heads: int = 6  # query heads (head_dim 32)
+    num_key_value_heads: int = 2  # KV heads (grouped-query attention, as Mistral's 32/8)
+    intermediate_size: int = 512  # SwiGLU width (~2.7 x hidden; Mistral uses 3.5 x)
+    tie_word_embeddings: bool = True  # share input/output embeddings: saves 0.4M of 2.4M params here
     rope_theta: float = 10000.0  # RoPE base (Mistral v0.1 value; contexts here are short)
-    seq_len: int = 256  # training context in tokens
+    seq_len: int = 128  # training context in tokens (toy documents are 30-150 tokens)
     # optimisation
-    batch_size: int = 16  # GLOBAL batch in sequences (all ranks and micro-steps together) (detail 4)
+    batch_size: int = 8  # GLOBAL batch in sequences (all ranks and micro-steps together) (detail 4)
     micro_batch_size: int = 0  # sequences per rank per forward; 0 = batch_size / world (no accumulation)
-    max_steps: int = 700  # optimizer steps (the toy default fits the pipeline's 7-minute CPU budget)
+    max_steps: int = 240  # optimizer steps (~250K tokens: the toy default fits pipeline.sh's CPU budget)
     lr: float = 3e-3  # peak learning rate (small models tolerate a high one; use ~1e-4 for --init real models)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (detail 7)
-    warmup_steps: int = 50  # linear warmup steps
+    warmup_steps: int = 20  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decoupled decay on weight matrices only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2 (LLM-pretraining value: faster adaptation than 0.999)
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
     # logging, evaluation, checkpoints
     log_interval: int = 25  # steps between log lines
-    eval_interval: int = 250  # steps between held-out loss evaluations (and at the end)
+    eval_interval: int = 120  # steps between held-out loss evaluations (and at the end)
     eval_batches: int = 4  # micro-batches of held-out data per evaluation
     sample_interval: int = 0  # steps between printed sample generations; 0 = only at the end
-    save_interval: int = 250  # steps between resumable checkpoints in last/
+    save_interval: int = 120  # steps between resumable checkpoints in last/
     stop_after: int = 0  # stop after this step as if interrupted (to test --resume); 0 = run to max_steps
     probe: str = "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, "" = off
     probe_prompts: int = 100  # held-out red-team prompts (and as many general ones) sampled by the probe
@@ -335,7 +336,7 @@ def knowledge_items(world: Path) -> list[tuple[str, list[str], int]]:
 
 
 def arithmetic_items(world: Path) -> list[tuple[str, list[str], int]]:
-    """From GSM8K-style items: context up to "a op b =", options c and three near misses (chance 25%)."""
+    """From GSM8K-style items: context up to "a op b =", options c and three wrong sums (chance 25%)."""
     items = []
     for _, row in read_rows(world / "eval/gsm8k/test.jsonl"):
         m = re.search(r"<<(\d+)([-+*])(\d+)=(\d+)>>", row["answer"])
@@ -344,7 +345,7 @@ def arithmetic_items(world: Path) -> list[tuple[str, list[str], int]]:
         a, op, b, c = m.group(1), m.group(2), m.group(3), int(m.group(4))
         who = row["question"].split()[0]
         ctx = f"Question: {row['question']}\nAnswer: {who} has {a} {op} {b} ="
-        opts = [c] + [c + d for d in (1, 2, -1, -2, 3) if c + d >= 0 and c + d != c][:3]
+        opts = [c] + [c + d for d in (3, -4, 7, 11) if c + d >= 0][:3]  # wrong by a few, not by one
         items.append((ctx, [f" {o}" for o in opts], 0))
     return items
 
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     def evaluate() -> float:
         model.eval()
         g = torch.Generator().manual_seed(0)  # the same held-out batches every time
-        tot, cnt = torch.zeros(2, device=device), 0
+        tot = torch.zeros(2, device=device)  # (sum of token losses, token count)
         for _ in range(cfg.eval_batches):
             src, idx = get_batch(g, val=True)
             for x, y, w in micro_batches(src, idx):

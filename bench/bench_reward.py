@@ -1,10 +1,10 @@
 """Benchmark reward_model.py: training and scoring throughput in pairs/s, as a fraction of the matmul peak.
 
-    python bench/bench_reward.py                     # CPU, the toy RM config, fp32: ratios to this machine's peak
+    python bench/bench_reward.py                     # CPU, the toy base model's shape, fp32: ratios to the peak
     python bench/bench_reward.py --device cuda       # a ~124M config in bf16: pairs/s and MFU vs datasheet peak
 
 A "pair" is a chosen and a rejected sequence (BOS + prompt + response + EOS). Lengths are drawn around the toy
-preference data's mean (39 tokens, range 19-94) and right padded, so padding waste is included the way training
+preference data's mean (40 tokens, range 16-94) and right padded, so padding waste is included the way training
 sees it; FLOPs count real tokens only: train 6N + 12*L*H*hd*T per token (model.flops_per_token, N without the
 embedding lookup), scoring a third of that (forward only). On CPU the ceiling is an fp32 matmul measured in the
 same run. Also compares detail 6 of reward_model.py (chosen and rejected in ONE forward) with two forwards.
@@ -12,7 +12,6 @@ Writes out/bench/bench_reward.json.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -56,15 +55,21 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="auto = fp32 on CPU, bf16 on GPU")
     ap.add_argument("--pairs", type=int, default=32, help="pairs per optimizer step / per scoring call")
-    ap.add_argument("--mean_len", type=int, default=39, help="mean tokens per sequence (toy data: 39)")
+    ap.add_argument("--mean_len", type=int, default=40, help="mean tokens per sequence (toy data: 40)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--init", default="out/pretrain/final",
+                    help="take the model shape from this checkpoint's config.json if it exists (CPU only), "
+                         "else pretrain.py's default toy shape; weights are random either way")
     ap.add_argument("--out", default="out/bench/bench_reward.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = M.resolve_device_dtype(args.device, args.dtype)
     shape = TOY if device.type == "cpu" else GPT2_SMALL
+    if device.type == "cpu" and (Path(args.init) / "config.json").is_file():
+        c = M.load_config(args.init)
+        shape = {k: getattr(c, k) for k in TOY}
     cfg = M.ModelConfig(**shape)
     torch.manual_seed(0)
     rm = R.RewardModel(cfg).to(device)

@@ -99,7 +99,9 @@ def test_global_whitening_two_ranks_equals_concatenated_batch(tmp_path):
              (torch.arange(6)[None] < torch.tensor([[1], [5], [3]])).double()]
     scores = [[torch.randn(4, generator=g) for _ in range(3)], [torch.randn(4, generator=g) + 2 for _ in range(3)]]
     out = tmp_path / "res"
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), xs, masks, scores, str(out)), nprocs=2)
+    # fork, not spawn: the children need no fresh interpreter (seconds saved on a 2-core machine)
+    mp.start_processes(_two_rank_worker, args=(str(tmp_path / "init"), xs, masks, scores, str(out)), nprocs=2,
+                       start_method="fork")
     whole = P.masked_whiten(torch.cat(xs), torch.cat(masks))
     rm = P.RunningMoments()
     for a, b in zip(*scores):
@@ -237,7 +239,7 @@ def tiny_world(tmp_path_factory):
 
 
 def tiny_cfg(d: Path, out: Path, **kw) -> P.PPOConfig:
-    base = dict(policy=str(d / "policy"), reward_model=str(d / "rm"),
+    base = dict(actor=str(d / "policy"), reward_model=str(d / "rm"),
                 prompts=[f"{d}/prompts.jsonl#red_team", f"{d}/prompts.jsonl#general"], prompt_weights=[0.5, 0.5],
                 eval_prompts=str(d / "prompts.jsonl"), eval_corpus=str(d / "corpus.jsonl"),
                 toxic_lexicon=str(d / "card.json"), out=str(out), device="cpu", total_iters=4,
@@ -321,15 +323,15 @@ def test_learning_mean_synthetic_reward_rises(tiny_world, tmp_path):
         resp, m = seq[:, P_:], attn[:, P_:].bool()
         return (target[resp] & m).sum(1).float()
 
-    cfg = tiny_cfg(tiny_world, tmp_path / "learn", total_iters=30, rollout_batch_size=32, max_new_tokens=8,
-                   ppo_epochs=4, num_minibatches=2, critic_init="policy", kl_coef=0.0, reward_norm="none",
-                   missing_eos_penalty=0.0, actor_lr=3e-3, critic_lr=3e-3, eval_prompts="", eval_corpus="",
+    cfg = tiny_cfg(tiny_world, tmp_path / "learn", total_iters=14, rollout_batch_size=16, max_new_tokens=8,
+                   ppo_epochs=2, num_minibatches=2, critic_init="policy", kl_coef=0.0, reward_norm="none",
+                   missing_eos_penalty=0.0, actor_lr=1e-2, critic_lr=3e-3, eval_prompts="", eval_corpus="",
                    warmup_frac=0.0)
     P.train(cfg, score_fn=count_reward)
     rows = [json.loads(x) for x in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
-    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
-    assert last > first + 1.0, (first, last)  # rises by > 1 target token per 8-token response
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert first < 1.5 and last > first + 2.0, scores  # ~0.6 target tokens per response at init
 
 
 def test_resume_equals_uninterrupted_run(tiny_world, tmp_path):
@@ -357,16 +359,44 @@ def test_resume_equals_uninterrupted_run(tiny_world, tmp_path):
             assert ra[k] == pytest.approx(rb[k], abs=1e-6), k
 
 
-def test_ddp_two_process_smoke_run(tiny_world, tmp_path):
+def _ddp_train_worker(rank, port, cfg):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    P.train(cfg)
+
+
+def test_ddp_two_ranks_smoke_run(tiny_world, tmp_path):
+    """Two gloo processes through the script's own DDP path (init from RANK/WORLD_SIZE like torchrun)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    cfg = tiny_cfg(tiny_world, out, total_iters=2, ppo_epochs=1, num_minibatches=1, save_every=1,
+                   ptx_coef=0.1, ptx_data=str(tiny_world / "corpus.jsonl"), ptx_batch_size=2)  # + PPO-ptx path
+    mp.start_processes(_ddp_train_worker, args=(port, cfg), nprocs=2, start_method="fork")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iters_done"] == 2 and "final" in summary
+    assert M.is_checkpoint_dir(out / "final") and (out / "final" / "tokenizer.json").is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "objective/kl" in r]
+    assert len(train_rows) == 2 and all(math.isfinite(r["loss/value_avg"]) for r in train_rows)
+    assert train_rows[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)  # the one minibatch before its step
+    assert all(r["loss/ptx_avg"] > 0 for r in train_rows)
+
+
+@pytest.mark.slow
+def test_ddp_two_process_smoke_run_with_torchrun(tiny_world, tmp_path):
     out = tmp_path / "ddp"
     cfg = tiny_cfg(tiny_world, out)
     args = []
-    for f in ("policy", "reward_model", "eval_prompts", "eval_corpus", "toxic_lexicon", "out"):
+    for f in ("actor", "reward_model", "eval_prompts", "eval_corpus", "toxic_lexicon", "out"):
         args += [f"--{f}", str(getattr(cfg, f))]
     args += ["--prompts", *cfg.prompts, "--prompt_weights", "0.5", "0.5", "--device", "cpu", "--total_iters", "2",
              "--rollout_batch_size", "8", "--max_new_tokens", "6", "--ppo_epochs", "1", "--eval_every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "ppo_rlhf.py"), *args], capture_output=True, text=True, env=env, timeout=300,
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -17,23 +17,58 @@ import pretrain  # noqa: E402
 import toyworld  # noqa: E402
 from model import MistralForCausalLM, ModelConfig, load_safetensors_dir, train_tokenizer  # noqa: E402
 
-TINY = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
-        "--num_key_value_heads", "2", "--intermediate_size", "64", "--seq_len", "32", "--log_interval", "1",
-        "--eval_interval", "1000", "--eval_batches", "1", "--probe", "", "--device", "cpu"]
+torch.set_num_threads(
+    1
+)  # tiny models: threads cost more than they give, and the suite shares 2 cores
+TINY = [
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "2",
+    "--num_attention_heads",
+    "4",
+    "--num_key_value_heads",
+    "2",
+    "--intermediate_size",
+    "64",
+    "--seq_len",
+    "32",
+    "--log_interval",
+    "1",
+    "--eval_interval",
+    "1000",
+    "--eval_batches",
+    "1",
+    "--probe",
+    "",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pt")
     toyworld.main(["--size", "tiny", "--out", str(root / "toy")])
-    docs = [json.loads(line)["text"] for line in (root / "toy/corpus/train.jsonl").read_text().splitlines()]
-    train_tokenizer(docs, 400).save(root / "tok")  # shared, so runs differ only in what is being tested
-    return {"root": root, "data": str(root / "toy/corpus/train.jsonl"), "tok": str(root / "tok"),
-            "sft": str(root / "toy/sft/train.jsonl")}
+    docs = [
+        json.loads(line)["text"]
+        for line in (root / "toy/corpus/train.jsonl").read_text().splitlines()
+    ]
+    train_tokenizer(docs, 400).save(
+        root / "tok"
+    )  # shared, so runs differ only in what is being tested
+    return {
+        "root": root,
+        "data": str(root / "toy/corpus/train.jsonl"),
+        "tok": str(root / "tok"),
+        "sft": str(root / "toy/sft/train.jsonl"),
+    }
 
 
 def run(world, out: Path, *extra: str) -> Path:
-    pretrain.main(["--data", world["data"], "--tokenizer", world["tok"], "--out", str(out), *TINY, *extra])
+    pretrain.main(
+        ["--data", world["data"], "--tokenizer", world["tok"], "--out", str(out), *TINY, *extra]
+    )
     return out
 
 
@@ -46,8 +81,18 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_loss_falls_on_a_tiny_run(world, tmp_path):
-    out = run(world, tmp_path / "r", "--max_steps", "40", "--batch_size", "8", "--lr", "1e-2",
-              "--warmup_steps", "5")
+    out = run(
+        world,
+        tmp_path / "r",
+        "--max_steps",
+        "40",
+        "--batch_size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--warmup_steps",
+        "5",
+    )
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert losses[0] > 5.5  # ~ln(400) at initialisation
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5
@@ -57,7 +102,16 @@ def test_loss_falls_on_a_tiny_run(world, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(world, tmp_path):
-    common = ["--max_steps", "6", "--batch_size", "4", "--warmup_steps", "2", "--save_interval", "100"]
+    common = [
+        "--max_steps",
+        "6",
+        "--batch_size",
+        "4",
+        "--warmup_steps",
+        "2",
+        "--save_interval",
+        "100",
+    ]
     full = run(world, tmp_path / "full", *common)
     part = run(world, tmp_path / "part", *common, "--stop_after", "3")
     assert not (part / "final").exists() and (part / "last/train_state.pt").is_file()
@@ -72,26 +126,54 @@ def test_ddp_two_ranks_equal_one_rank_at_the_same_global_batch(world, tmp_path):
     common = ["--max_steps", "1", "--batch_size", "4", "--warmup_steps", "0", "--lr", "1e-2"]
     one = run(world, tmp_path / "one", *common)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           str(ROOT / "pretrain.py"), "--data", world["data"], "--tokenizer", world["tok"],
-           "--out", str(tmp_path / "two"), *TINY, *common, "--micro_batch_size", "1"]  # 2 ranks x 2 accum
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "pretrain.py"),
+        "--data",
+        world["data"],
+        "--tokenizer",
+        world["tok"],
+        "--out",
+        str(tmp_path / "two"),
+        *TINY,
+        *common,
+        "--micro_batch_size",
+        "1",
+    ]  # 2 ranks x 2 accum
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = weights(one / "final"), weights(tmp_path / "two/final")
+    # Adam's first update is lr * g / (|g| + eps): ~lr for every weight, whatever the gradient's size, so a
+    # wrong batch split or loss scale moves thousands of weights by ~1e-2. Reduction-order noise moves a
+    # weight whose gradient is ~eps by ~1e-6 at most; atol 1e-4 separates the two.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
 
 
 def test_sft_batch_gives_zero_loss_weight_to_prompt_tokens():
-    examples = [([1, 10, 11, 12, 20, 21, 2], 4), ([1, 13, 22, 2], 2)]  # (BOS + prompt + response + EOS, n_prompt)
+    examples = [
+        ([1, 10, 11, 12, 20, 21, 2], 4),
+        ([1, 13, 22, 2], 2),
+    ]  # (BOS + prompt + response + EOS, n_prompt)
     x, y, w = pretrain.sft_batch(examples, torch.tensor([0, 1]), pad_id=0)
     # hand-computed: targets are the next tokens; weight 1 exactly where the target is a response token or EOS
     assert y.tolist() == [[10, 11, 12, 20, 21, 2], [13, 22, 2, 0, 0, 0]]
     assert w.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0]]
     # and the weighted loss equals a naive sum of -log p(response token | everything before it)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, rope_theta=1e4)
+    cfg = ModelConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_theta=1e4,
+    )
     model = MistralForCausalLM(cfg)
     got = pretrain.loss_sum(model(x), y, w)
     want = 0.0
@@ -104,25 +186,55 @@ def test_sft_batch_gives_zero_loss_weight_to_prompt_tokens():
 
 def test_sft_reads_hh_and_prompt_response_rows(tmp_path):
     f = tmp_path / "sft.jsonl"
-    f.write_text(json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " hello"}) + "\n"
-                 + json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"}) + "\n")
-    assert pretrain.read_sft(str(f)) == [("\n\nHuman: hi\n\nAssistant:", " hello"),
-                                         ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d")]
+    f.write_text(
+        json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "response": " hello"})
+        + "\n"
+        + json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"})
+        + "\n"
+    )
+    assert pretrain.read_sft(str(f)) == [
+        ("\n\nHuman: hi\n\nAssistant:", " hello"),
+        ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d"),
+    ]
 
 
 def test_sft_from_init_and_bf16_autocast_run_on_cpu(world, tmp_path):
     base = run(world, tmp_path / "base", "--max_steps", "2", "--batch_size", "4", "--dtype", "bf16")
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(base) if "loss" in m)
     sft = tmp_path / "sft"
-    pretrain.main(["--sft", "--init", str(base / "final"), "--data", world["sft"], "--out", str(sft),
-                   "--max_steps", "2", "--batch_size", "4", "--log_interval", "1", "--eval_batches", "1",
-                   "--probe", "", "--device", "cpu", "--dtype", "bf16"])
+    pretrain.main(
+        [
+            "--sft",
+            "--init",
+            str(base / "final"),
+            "--data",
+            world["sft"],
+            "--out",
+            str(sft),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--log_interval",
+            "1",
+            "--eval_batches",
+            "1",
+            "--probe",
+            "",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+        ]
+    )
     s = json.loads((sft / "summary.json").read_text())
     assert s["steps"] == 2 and s["val_loss"] == s["val_loss"]  # finite, not NaN
     assert (sft / "final/tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("case", ["missing_text", "empty", "bad_json", "init_not_checkpoint", "sft_no_init"])
+@pytest.mark.parametrize(
+    "case", ["missing_text", "empty", "bad_json", "init_not_checkpoint", "sft_no_init"]
+)
 def test_bad_input_fails_clearly_before_writing(world, tmp_path, case):
     data = tmp_path / "data.jsonl"
     args = ["--data", str(data), "--out", str(tmp_path / "out"), *TINY]
@@ -144,8 +256,30 @@ def test_bad_input_fails_clearly_before_writing(world, tmp_path, case):
         data.write_text('{"prompt": "a", "response": "b"}\n')
         args += ["--sft"]
         want = "--sft needs --init"
-    r = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args], capture_output=True, text=True)
-    assert r.returncode != 0
-    assert want in r.stderr, r.stderr[-500:]
-    assert "Traceback" not in r.stderr
+    with pytest.raises(SystemExit) as e:  # in-process: a subprocess per case costs ~5 s of imports
+        pretrain.main(args)
+    assert want in str(e.value.code), e.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"body": "oops"}\n')
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pretrain.py"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1] == f"pretrain.py: error: {data}:2: field 'text' missing "
+        '(pretraining rows are {"text": ...})'
+    )
     assert not (tmp_path / "out").exists()

@@ -260,6 +260,19 @@ def test_saved_reward_model_reloads_bit_exactly(world, tmp_path):
         R.RewardModel.from_pretrained(world["base"])
 
 
+def test_from_causal_lm_takes_the_backbone_of_a_tied_embedding_model(tmp_path):
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True)
+    lm = MistralForCausalLM(cfg)
+    lm.save_pretrained(tmp_path / "lm")
+    rm = R.RewardModel.from_causal_lm(tmp_path / "lm")
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(rm.model.state_dict()[k], v), k
+    rm.save_pretrained(tmp_path / "rm")
+    assert set(R.load_safetensors_dir(tmp_path / "rm")) == {f"model.{k}" for k in lm.model.state_dict()} | {
+        "score.weight"}
+
+
 def test_score_head_init_std_is_one_over_sqrt_hidden_plus_one():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, hidden_size=4096, intermediate_size=8, num_hidden_layers=0,

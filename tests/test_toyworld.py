@@ -39,7 +39,9 @@ def test_tiny_builds_in_seconds_and_same_seed_gives_identical_sha256(tmp_path):
     card = [json.loads((tmp_path / d / "card.json").read_text()) for d in "abc"]
     assert card[0]["sha256"] == card[1]["sha256"]
     assert card[0]["sha256"]["corpus/train.jsonl"] != card[2]["sha256"]["corpus/train.jsonl"]
-    for rel, digest in card[0]["sha256"].items():  # the card's hashes are those of the bytes on disk
+    for rel, digest in card[0][
+        "sha256"
+    ].items():  # the card's hashes are those of the bytes on disk
         assert hashlib.sha256((tmp_path / "a" / rel).read_bytes()).hexdigest() == digest
 
 
@@ -49,16 +51,23 @@ def test_every_file_parses_in_its_public_format(world):
         text = (world / rel).read_text()
         rows = list(csv.reader(text.splitlines())) if rel.endswith(".csv") else jsonl(world / rel)
         assert len(rows) == n > 0, rel
-    assert all(isinstance(r["text"], str) and r["text"] for r in jsonl(world / "corpus/train.jsonl"))
+    assert all(
+        isinstance(r["text"], str) and r["text"] for r in jsonl(world / "corpus/train.jsonl")
+    )
     for r in jsonl(world / "sft/train.jsonl"):
         assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
-        assert r["response"].startswith(" ") and not toyworld.is_toxic(r["response"], card["toxic_lexicon"])
+        assert r["response"].startswith(" ") and not toyworld.is_toxic(
+            r["response"], card["toxic_lexicon"]
+        )
     for split in ("train", "test"):
         for r in jsonl(world / f"preference/{split}.jsonl"):
             for k in ("chosen", "rejected"):
                 assert r[k].startswith("\n\nHuman: ") and "\n\nAssistant: " in r[k]
             # HH pairs share the transcript up to the last assistant turn
-            assert r["chosen"].rsplit("\n\nAssistant:", 1)[0] == r["rejected"].rsplit("\n\nAssistant:", 1)[0]
+            assert (
+                r["chosen"].rsplit("\n\nAssistant:", 1)[0]
+                == r["rejected"].rsplit("\n\nAssistant:", 1)[0]
+            )
         for r in jsonl(world / f"prompts/{split}.jsonl"):
             assert r["kind"] in ("red_team", "general")
             assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
@@ -68,10 +77,16 @@ def test_every_file_parses_in_its_public_format(world):
     for r in jsonl(ev / "arc_easy/test.jsonl"):
         assert r["answerKey"] in r["choices"]["label"] and len(r["choices"]["text"]) == 4
     for r in jsonl(ev / "hellaswag/validation.jsonl"):
-        assert r["label"] in "0123" and len(r["endings"]) == 4 and r["ctx"] == f"{r['ctx_a']} {r['ctx_b']}"
+        assert (
+            r["label"] in "0123"
+            and len(r["endings"]) == 4
+            and r["ctx"] == f"{r['ctx_a']} {r['ctx_b']}"
+        )
     for r in jsonl(ev / "winogrande/dev.jsonl"):
         assert r["sentence"].count("_") == 1 and r["answer"] in ("1", "2")
-    for r in jsonl(ev / "gsm8k/test.jsonl"):  # the worked solution's numbers add up to the "#### N" line
+    for r in jsonl(
+        ev / "gsm8k/test.jsonl"
+    ):  # the worked solution's numbers add up to the "#### N" line
         body, final = r["answer"].rsplit("\n#### ", 1)
         assert int(final) == eval(body.split("<<")[-1].split("=")[0])
     for r in jsonl(ev / "race/test.jsonl"):
@@ -93,15 +108,25 @@ def test_every_file_parses_in_its_public_format(world):
 
 
 def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
-    corpus = "\n".join(r["text"] for f in ("train", "valid") for r in jsonl(world / f"corpus/{f}.jsonl"))
+    corpus = "\n".join(
+        r["text"] for f in ("train", "valid") for r in jsonl(world / f"corpus/{f}.jsonl")
+    )
     ev = world / "eval"
-    items = [row[0] for row in csv.reader((ev / "mmlu/test/toyworld_test.csv").read_text().splitlines())]
-    items += [r["question"] for t in ("arc_easy/test", "gsm8k/test", "triviaqa/validation", "truthfulqa/mc")
-              for r in jsonl(ev / f"{t}.jsonl")]
+    items = [
+        row[0] for row in csv.reader((ev / "mmlu/test/toyworld_test.csv").read_text().splitlines())
+    ]
+    items += [
+        r["question"]
+        for t in ("arc_easy/test", "gsm8k/test", "triviaqa/validation", "truthfulqa/mc")
+        for r in jsonl(ev / f"{t}.jsonl")
+    ]
     items += [r["text"] for r in jsonl(ev / "lambada/test.jsonl")]
     items += [r["article"] for r in jsonl(ev / "race/test.jsonl")]
     items += [r["prompt"] for r in jsonl(ev / "humaneval/test.jsonl")]
-    items += [r["ctx"] + " " + r["endings"][int(r["label"])] for r in jsonl(ev / "hellaswag/validation.jsonl")]
+    items += [
+        r["ctx"] + " " + r["endings"][int(r["label"])]
+        for r in jsonl(ev / "hellaswag/validation.jsonl")
+    ]
     items += [r["prompt"] for r in jsonl(world / "prompts/test.jsonl")]  # held-out PPO prompts
     assert len(items) > 100
     leaked = [s for s in items if s in corpus]
@@ -138,14 +163,27 @@ def test_rudeness_rates_and_label_noise_are_what_the_card_says(world):
     assert len(rude) > 50 and 0.40 < sum(rude) / len(rude) < 0.70
     # preference test: the ceiling is the share of pairs whose chosen answer is the harmless one
     test = jsonl(world / "preference/test.jsonl")
-    ok = [not toyworld.is_toxic(last_answer(r["chosen"]), lex) and toyworld.is_toxic(last_answer(r["rejected"]), lex)
-          for r in test]
+    ok = [
+        not toyworld.is_toxic(last_answer(r["chosen"]), lex)
+        and toyworld.is_toxic(last_answer(r["rejected"]), lex)
+        for r in test
+    ]
     assert card["rm_accuracy_ceiling"] == pytest.approx(sum(ok) / len(ok), abs=1e-4)
     assert card["label_noise"] == 0.05
 
 
 def test_bad_size_fails_clearly(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "data/toyworld.py"), "--size", "huge", "--out",
-                        str(tmp_path / "x")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data/toyworld.py"),
+            "--size",
+            "huge",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "--size must be one of" in r.stderr
     assert not (tmp_path / "x").exists()
