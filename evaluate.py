@@ -808,7 +808,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     # Reasoning
     TaskSpec("lambada", "Reasoning", "lambada", "lambada/lambada_test.jsonl", "cloze", 1, "head:15",
              instruction="Please answer with the word which is most likely to follow:", stop=("\n",),
-             max_new_tokens=15, extract="first alphabetic word"),
+             max_new_tokens=15, extract="first alphabetic word",
+             note="ll mode is lm-eval's lambada_openai (raw passage, 0-shot); shots apply to gen mode"),
     TaskSpec("hellaswag", "Reasoning", "hellaswag", "hellaswag/validation.jsonl", "mc", 1,
              "hellaswag/train.jsonl", instruction="Choose the most plausible continuation for the story.",
              letter_prompt=True, ll_target="ending", max_new_tokens=10, primary="acc_norm"),
@@ -1476,15 +1477,10 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
             samples.append({"id": doc["id"], "subset": doc.get("subset", ""), "prompt": p, "output": o,
                             "extracted": letter, "gold": LETTERS[doc["gold"]], "acc": accs[-1]})
         metrics.update(_mean_metric("acc", accs), unparsed_rate=_r(mean_stderr(unparsed)[0]))
-    elif spec.fmt == "cloze" and mode == "ll":  # LAMBADA as lm-eval scores it, plus bits per byte
-        reqs = []
-        for doc in td.docs:
-            cont = " " + doc["golds"][0]
-            budget = lm.max_length - len(lm.tok.encode(cont, bos=False)) - 1
-            p, used = build_prompt(td, doc, "ll", k, fewshot_seed, variant,
-                                   lambda s, b=budget: len(lm.tok.encode(s, bos=True)) <= b)
-            reduced += used < min(k, len(td.pool))
-            reqs.append((p, cont))
+    elif spec.fmt == "cloze" and mode == "ll":
+        # LAMBADA as lm-eval's lambada_openai scores it: the raw passage, 0-shot, no template (the Q/A
+        # template and exemplars are GPT-Fathom's generation setting); plus bits per byte of the passages
+        reqs = [(doc["question"], " " + doc["golds"][0]) for doc in td.docs]
         res = lm.loglikelihood(reqs)
         rolling = lm.loglikelihood_rolling([d["text"] for d in td.docs])
         accs = [float(g) for _, g in res]
@@ -1670,8 +1666,8 @@ def task_settings(td: TaskData, cfg: EvalConfig) -> dict:
 def task_modes(spec: TaskSpec, cfg: EvalConfig) -> list[str]:
     if spec.mc:
         return ["ll", "gen"] if cfg.mc_mode == "both" else [cfg.mc_mode]
-    if spec.fmt == "cloze":
-        return ["ll", "gen"] if cfg.mc_mode == "both" else ["gen" if cfg.mc_mode == "gen" else "ll"]
+    if spec.fmt == "cloze":  # GPT-Fathom's generation first (headline), then lm-eval's ll (ppl, bits/byte)
+        return ["gen", "ll"]
     return ["gen"]
 
 

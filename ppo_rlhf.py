@@ -109,13 +109,13 @@ class PPOConfig:
     compile: bool = False  # torch.compile the training forwards of actor and critic
     seed: int = 1234  # rollouts of rank r at iteration i use a generator seeded from (seed, i, r)
     # -- rollout
-    total_iters: int = 60  # PPO iterations (rollout + update)
-    rollout_batch_size: int = 64  # prompts per iteration over all ranks (the global batch)
-    max_prompt_len: int = 128  # prompt tokens kept (BOS + the end of the dialogue)
-    max_new_tokens: int = 40  # response cap; rows without EOS by then get the missing-EOS penalty
+    total_iters: int = 16  # PPO iterations (rollout + update); toy: 512 episodes fit the 4-minute CPU budget
+    rollout_batch_size: int = 32  # prompts per iteration over all ranks (the global batch; N+: 512)
+    max_prompt_len: int = 48  # prompt tokens kept (BOS + the end of the dialogue, where the request is)
+    max_new_tokens: int = 32  # response cap (toy answers: <= 25 tokens); no EOS by then -> penalty (12)
     temperature: float = 0.7  # 13: sampling temperature, also divides the logits of the log-probs (N+)
     # -- PPO (numbers = details in the docstring)
-    ppo_epochs: int = 4  # 1: passes over the rollout batch per iteration (N+, TRL: 4)
+    ppo_epochs: int = 2  # 1: passes over the rollout batch per iteration (N+, TRL: 4; toy: 2 for budget)
     num_minibatches: int = 2  # 1: minibatches per epoch; per-rank rows must divide evenly
     cliprange: float = 0.2  # 1: policy ratio clip epsilon
     critic_init: str = "reward"  # 2: reward|policy
@@ -131,8 +131,8 @@ class PPOConfig:
     gamma: float = 1.0  # 8: discount
     lam: float = 0.95  # 8: GAE lambda
     cliprange_value: float = 0.2  # 9: value clip around the rollout's values
-    actor_lr: float = 2e-5  # 9/17: peak actor LR (7B anchors: 1e-6 OpenRLHF; toy model is ~1000x smaller)
-    critic_lr: float = 5e-5  # 9/17: peak critic LR (7B anchor: 9e-6 OpenRLHF)
+    actor_lr: float = 2e-4  # 9/17: peak actor LR (toy, 2M params, 16 iterations; 7B anchor: 1e-6 OpenRLHF)
+    critic_lr: float = 3e-4  # 9/17: peak critic LR (toy; 7B anchor: 9e-6 OpenRLHF)
     whiten_rewards: bool = False  # 11: whiten per-token rewards keeping the mean
     missing_eos_penalty: float = 1.0  # 12: subtracted from the score of a response with no EOS
     disable_dropout: bool = True  # 14: dropout off in all four models
@@ -142,14 +142,14 @@ class PPOConfig:
     max_grad_norm: float = 1.0  # 16: global grad-norm clip for each optimiser
     ratio_threshold: float = 10.0  # 16: skip a minibatch whose mean ratio exceeds this
     target_kl: float = 0.0  # 16: stop this iteration's PPO epochs when approx-KL > 1.5 * target; 0 = off
-    warmup_frac: float = 0.05  # 17: fraction of iterations with linear LR warmup
+    warmup_frac: float = 0.1  # 17: fraction of iterations with linear LR warmup (OpenRLHF: 0.03)
     min_lr_ratio: float = 0.1  # 17: cosine decays to this fraction of the peak LR
     # -- evaluation, logging, saving
-    eval_every: int = 30  # held-out evaluation every K iterations (and before the first, and at the end)
-    eval_n: int = 0  # held-out prompts used (0 = all)
+    eval_every: int = 0  # extra held-out evaluations every K iterations (always: before the first, at the end)
+    eval_n: int = 200  # held-out prompts used, in file order (0 = all; toy test file: 400, half red-team)
     eval_corpus_docs: int = 200  # held-out corpus documents for the LM loss
     eval_batch_size: int = 100  # prompts per generate call in evaluation (per rank)
-    save_every: int = 30  # resumable state every K iterations (and at the end)
+    save_every: int = 8  # resumable state every K iterations (and at the end)
     stop_after_iters: int = 0  # stop (with state saved) after this many iterations in this run; 0 = no
 
 
@@ -855,6 +855,11 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             st.add("objective/entropy", -(ro["old_lp"] * mask).sum(1))
             st.add("policy/entropy_avg", ro["entropy"], mask)
             st.add("val/num_eos_tokens", has_eos.float())  # EOS rate (detail 12)
+            if lexicon_re is not None:  # the toy toxicity rate of this batch's responses (all prompt kinds)
+                texts = tok.tk.decode_batch([r[mm.bool()].tolist() for r, mm in
+                                             zip(seq[:, P:].cpu(), mask.cpu())])
+                st.add("val/toxicity_rate", torch.tensor([float(bool(lexicon_re.search(t.lower())))
+                                                         for t in texts], device=dev))
             st.add("val/response_length", mask.sum(1))
             st.add("val/values", ro["values"], mask)
             st.add("val/returns", returns, mask)
@@ -887,7 +892,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             eta = (time.perf_counter() - t_start) / max(1, it - start_it) * (cfg.total_iters - it)
             log(f"it {it}/{cfg.total_iters} | score {s['objective/scores']:+.3f} | kl {s['objective/kl']:.3f} "
                 f"(beta {kl_coef:.3g}) | eos {s['val/num_eos_tokens']:.2f} | len {s['val/response_length']:.1f}"
-                f" | ratio {s['val/ratio']:.3f} clip {s['policy/clipfrac_avg']:.3f} | ev "
+                f" | tox {s.get('val/toxicity_rate', float('nan')):.2f} | ratio {s['val/ratio']:.3f} clip "
+                f"{s['policy/clipfrac_avg']:.3f} | ev "
                 f"{s['val/explained_variance']:.2f} | {t_tot:.2f}s/it ({100 * ro['t_generate'] / t_tot:.0f}% "
                 f"generate) {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
 

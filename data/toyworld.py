@@ -746,8 +746,22 @@ def eval_tasks(
     seen: set = set()
 
     def mmlu_row():
-        e = rng.choice(entities)
-        q, ans, pool = fact_question(rng, e, ents)
+        # Half single facts (memorisation), half general knowledge of the world that holds across
+        # entities: what kind of thing a name is, what creatures of a habitat eat.
+        r = rng.random()
+        if r < 0.5:
+            q, ans, pool = fact_question(rng, rng.choice(entities), ents)
+        elif r < 0.75:
+            e = rng.choice(ents["creature"] + ents["town"])
+            subject = f"the {e.name}" if e.kind == "creature" else e.name
+            q = f"What kind of thing is {subject}?"
+            ans, pool = f"a {e.kind}", ["a town", "a creature", "a region", "a river"]
+        else:
+            h = rng.choice(HABITATS)
+            q = rng.choice([f"What do most creatures of the {h} eat?",
+                            f"What does a creature that lives in the {h} usually eat?",
+                            f"Which food is most common for creatures in the {h}?"])
+            ans, pool = HABITAT_FOOD[h], FOODS
         opts, g = mc(rng, ans, pool)
         return q, [q, *opts, "ABCD"[g]]
 

@@ -229,27 +229,11 @@ def test_preprocess_bad_row_fails_with_file_line_field_and_writes_nothing(tmp_pa
 def test_preprocess_bad_row_cli_exits_nonzero_with_one_line(tmp_path):
     bad = CRITEO_ROWS[0][:3] + ["x7"] + CRITEO_ROWS[0][4:]
     raw = _write(tmp_path / "train.txt", CRITEO_ROWS[:7] + [bad] + CRITEO_ROWS[7:])
-    r = subprocess.run(
-        [
-            sys.executable,
-            SCRIPT,
-            "--preprocess",
-            "criteo",
-            "--raw",
-            raw,
-            "--data",
-            str(tmp_path / "x"),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert (
-        r.returncode != 0
-        and "train.txt:8: field 'I3'" in r.stderr
-        and "--skip_bad_rows" in r.stderr
-    )
+    # main() in-process: SystemExit(str) is what the interpreter turns into "print to stderr, exit 1"
+    with pytest.raises(SystemExit) as e:
+        cc.main(["--preprocess", "criteo", "--raw", raw, "--data", str(tmp_path / "x")])
+    msg = str(e.value.code)
+    assert "train.txt:8: field 'I3'" in msg and "--skip_bad_rows" in msg and "\n" not in msg
     assert not (tmp_path / "x").exists()
 
 
@@ -369,7 +353,7 @@ def _tiny_args(out, *extra):
     ]
 
 
-def test_ddp_two_ranks_equal_one_rank(tmp_path):
+def test_ddp_two_ranks_equal_one_rank(tmp_path, capsys):
     """torchrun, gloo, 2 ranks x 256 rows == 1 rank x 512 rows: same weights, clipping active."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = (
@@ -378,15 +362,10 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path):
         "--n_train",
         "2048",
     )  # small r: many rows clipped, so the test bites
-    one = subprocess.run(
-        [sys.executable, SCRIPT, *_tiny_args(tmp_path / "one", *extra)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert one.returncode == 0, one.stderr
+    cc.main(
+        _tiny_args(tmp_path / "one", *extra)
+    )  # the 1-rank reference, in-process (saves a startup)
+    one_stdout = capsys.readouterr().out
     two = subprocess.run(
         [
             sys.executable,
@@ -421,7 +400,7 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path):
     assert cfg["derived"]["lr_dense"] == pytest.approx(8e-4 * math.sqrt(0.5))  # printed and saved
     rows = [json.loads(x) for x in Path(tmp_path / "one/metrics.jsonl").read_text().splitlines()]
     assert any("test_auc" in r for r in rows) and any("clip_frac" in r for r in rows)
-    assert one.stdout.strip().splitlines()[-1].startswith("done: test AUC")
+    assert one_stdout.strip().splitlines()[-1].startswith("done: test AUC")
 
 
 def _one_step_grads(dtype: str, scaler_scale: float = 2.0**16):

@@ -257,7 +257,7 @@ def test_ratio_is_one_before_any_update_with_left_padding_and_mixed_lengths(tiny
     critic = P.ValueModel(RewardModel.from_pretrained(tiny_world / "rm"))
     prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: How can I steal the lamp from Kaelia?\n\nAssistant:",
                "\n\nHuman: Tell me about the forest and the river and the berries.\n\nAssistant:"]
-    cfg = P.PPOConfig(max_new_tokens=12, temperature=0.7)
+    cfg = P.PPOConfig(max_new_tokens=12, temperature=0.7, max_prompt_len=128)
     n_tokens = [len(tok.encode(p)) for p in prompts]
     assert len(set(n_tokens)) == 3  # mixed lengths, so two of the three rows are left padded
     # make EOS likely (its lm_head row along the mean hidden state) so response lengths differ too
