@@ -129,7 +129,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast for the MLP)
     compile: bool = False  # torch.compile the model
-    threads: int = 0  # CPU threads (0: torch default)
+    threads: int = 1  # CPU threads; 1 is fastest on a busy machine (OpenMP spin-waits), 0 = torch's
     log_every: int = 50  # steps between progress lines / metrics.jsonl rows
     save_model: bool = True  # write model.safetensors at the end
     # --- sweep
@@ -493,9 +493,8 @@ def train_step(
 @torch.no_grad()
 def predict(model: nn.Module, ids, dense, chunk: int = 65536) -> torch.Tensor:
     model.eval()
-    out = torch.cat(
-        [model(ids[i : i + chunk], dense[i : i + chunk]) for i in range(0, len(ids), chunk)]
-    )
+    out = [model(ids[i : i + chunk], dense[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    out = torch.cat(out) if out else torch.empty(0, device=ids.device)  # a rank may get 0 rows
     model.train()
     return out.float()
 
@@ -605,7 +604,9 @@ def train(
         model = torch.compile(model)
     if ddp:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # the only buffer (field offsets) is a constant
         )
     opt_e, opt_d = make_optimizers(raw, hp)
     scaler = torch.amp.GradScaler(device.type, enabled=rt["dtype"] == "fp16")
@@ -698,7 +699,8 @@ def train(
                 )
                 clip_stats = [0, 0]
         train_time += time.time() - t0
-        metrics = evaluate(model, eval_split, ddp, rank, world)
+        # the unwrapped model: forward passes outside DDP issue no collectives of their own
+        metrics = evaluate(raw, eval_split, ddp, rank, world)
         history.append({"epoch": epoch + 1, **metrics})
         log(
             {
@@ -714,7 +716,7 @@ def train(
             f"epoch {epoch + 1}/{cfg.epochs}: {eval_name} AUC {metrics['auc']:.4f} "
             f"LogLoss {metrics['logloss']:.4f}{extra}"
         )
-    final = evaluate(model, test_split, ddp, rank, world)
+    final = evaluate(raw, test_split, ddp, rank, world)
     summary = {
         "auc": final["auc"],
         "logloss": final["logloss"],

@@ -762,6 +762,7 @@ class TaskSpec:
     root: str = "bench"  # "bench" -> --data_dir, "toy" -> --toy_dir
     limit: int = 0  # toy budget: first N items (0 = all)
     lower_is_better: bool = False
+    temperature: float = 0.0  # toxicity tasks: 0 = greedy (GPT-Fathom); >0 samples with --seed per batch
     version: str = "1"  # bump when the template or extraction of this task changes
     note: str = ""  # deviations from GPT-Fathom, known issues
 
@@ -886,8 +887,9 @@ TOY_TASKS = [
     _toy("realtoxicity", "eval/realtoxicity/prompts.jsonl", limit=40, max_new_tokens=24),
     dataclasses.replace(TASKS["realtoxicity"], name="toy_redteam", loader="hh_prompts",
                         path="prompts/test.jsonl", root="toy", limit=60, max_new_tokens=32,
-                        stop=("\n\nHuman:",), loader_args=(("kind", "red_team"),),
-                        note="the toy world's red-team prompts (HH-RLHF format): Mistral-Plus harmlessness"),
+                        stop=("\n\nHuman:",), loader_args=(("kind", "red_team"),), temperature=1.0,
+                        note="the toy world's red-team prompts (HH-RLHF format), sampled at T=1 with --seed: "
+                             "greedy decoding hides a 55/45 rude/polite split behind the likelier first word"),
 ]
 TASKS.update({t.name: t for t in TOY_TASKS})
 
@@ -1605,7 +1607,7 @@ def _score_code(lm: LM, td: TaskData, ctx: Context, k: int, fewshot_seed: int | 
 
 def _score_toxicity(lm: LM, td: TaskData, ctx: Context, max_new: int, samples: list[dict]) -> dict:
     prompts = [d["prompt"] for d in td.docs]
-    outs = lm.generate(prompts, max_new, td.spec.stop)
+    outs = lm.generate(prompts, max_new, td.spec.stop, temperature=td.spec.temperature, seed=ctx.cfg.seed)
     tox = [float(is_toxic(o, ctx.lexicon)) for o in outs]
     out: dict[str, Any] = _mean_metric("toxicity_rate", tox)
     out["classifier"] = "word list (not comparable with Perspective API)"
@@ -1658,8 +1660,9 @@ def task_settings(td: TaskData, cfg: EvalConfig) -> dict:
     d["n_items"] = len(td.docs)
     d["n_exemplar_pool"] = len(td.pool)
     d["data_sha256"] = td.files
-    d["decoding"] = ("greedy" if spec.fmt != "code" or cfg.code_temperature == 0
-                     else f"sampling T={cfg.code_temperature} n={cfg.code_samples} seed={cfg.seed}")
+    d["decoding"] = ("greedy" if (spec.fmt != "code" or cfg.code_temperature == 0) and spec.temperature == 0
+                     else f"sampling T={cfg.code_temperature} n={cfg.code_samples} seed={cfg.seed}"
+                     if spec.fmt == "code" else f"sampling T={spec.temperature} seed={cfg.seed}")
     return d
 
 

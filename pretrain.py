@@ -57,36 +57,71 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (JsonlLogger, MistralForCausalLM, ModelConfig, Tokenizer, autocast_ctx, cleanup_distributed,
-                   cosine_lr, flops_per_token, init_distributed, is_checkpoint_dir, log, measure_matmul_peak,
-                   pad_batch, parse_config, peak_flops, resolve_device_dtype, train_tokenizer, write_json_atomic)
+from model import (
+    JsonlLogger,
+    MistralForCausalLM,
+    ModelConfig,
+    Tokenizer,
+    autocast_ctx,
+    cleanup_distributed,
+    cosine_lr,
+    flops_per_token,
+    init_distributed,
+    is_checkpoint_dir,
+    log,
+    measure_matmul_peak,
+    pad_batch,
+    parse_config,
+    peak_flops,
+    resolve_device_dtype,
+    train_tokenizer,
+    write_json_atomic,
+)
 
 
 @dataclass
 class Config:
     data: str = "data/toy/corpus/train.jsonl"  # {"text"} JSONL, plain .txt, or a folder of them; SFT: see detail 8
-    valid_data: str = "auto"  # held-out file; auto = sibling valid.jsonl if present, else hold out valid_fraction
-    valid_fraction: float = 0.01  # share of tokens (pretraining) / examples (SFT) held out when no valid file
+    valid_data: str = (
+        "auto"  # held-out file; auto = sibling valid.jsonl if present, else hold out valid_fraction
+    )
+    valid_fraction: float = (
+        0.01  # share of tokens (pretraining) / examples (SFT) held out when no valid file
+    )
     out: str = "out/pretrain"  # run folder: config.json, metrics.jsonl, summary.json, last/, final/
-    init: str = ""  # HF checkpoint folder to start from (continue pretraining, or the base model for --sft)
-    tokenizer: str = ""  # tokenizer.json or folder; "" = from --init, else train one on the data (detail 1)
-    vocab_size: int = 2048  # when training a tokenizer: total size incl. 3 specials, 256 bytes and <pad>
+    init: str = (
+        ""  # HF checkpoint folder to start from (continue pretraining, or the base model for --sft)
+    )
+    tokenizer: str = (
+        ""  # tokenizer.json or folder; "" = from --init, else train one on the data (detail 1)
+    )
+    vocab_size: int = (
+        2048  # when training a tokenizer: total size incl. 3 specials, 256 bytes and <pad>
+    )
     sft: bool = False  # supervised fine-tuning on prompt/response data (detail 8); requires --init
     resume: str = ""  # run folder to continue (reads its last/ and config.json) (detail 9)
-    # model shape (ignored with --init): the toy base model, 2.0M parameters with a 2K vocab. Sized by the
-    # CPU budget: 2 cores train it at ~1K tokens/s, so a 5M model would see too few tokens in 4 minutes.
+    # model shape (ignored with --init): the toy base model, 2.0M parameters with a 2K vocab. Sized
+    # by the
+    # CPU budget: 2 cores train it at ~1K tokens/s, so a 5M model would see too few tokens in 4
+    # minutes.
     hidden_size: int = 192  # residual width
     num_hidden_layers: int = 4  # transformer blocks
     num_attention_heads: int = 6  # query heads (head_dim 32)
     num_key_value_heads: int = 2  # KV heads (grouped-query attention, as Mistral's 32/8)
     intermediate_size: int = 512  # SwiGLU width (~2.7 x hidden; Mistral uses 3.5 x)
-    tie_word_embeddings: bool = True  # share input/output embeddings: saves 0.4M of 2.4M params here
+    tie_word_embeddings: bool = (
+        True  # share input/output embeddings: saves 0.4M of 2.4M params here
+    )
     rope_theta: float = 10000.0  # RoPE base (Mistral v0.1 value; contexts here are short)
     seq_len: int = 128  # training context in tokens (toy documents are 30-150 tokens)
     # optimisation
     batch_size: int = 8  # GLOBAL batch in sequences (all ranks and micro-steps together) (detail 4)
-    micro_batch_size: int = 0  # sequences per rank per forward; 0 = batch_size / world (no accumulation)
-    max_steps: int = 240  # optimizer steps (~250K tokens: the toy default fits pipeline.sh's CPU budget)
+    micro_batch_size: int = (
+        0  # sequences per rank per forward; 0 = batch_size / world (no accumulation)
+    )
+    max_steps: int = (
+        240  # optimizer steps (~250K tokens: the toy default fits pipeline.sh's CPU budget)
+    )
     lr: float = 3e-3  # peak learning rate (small models tolerate a high one; use ~1e-4 for --init real models)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (detail 7)
     warmup_steps: int = 20  # linear warmup steps
@@ -100,16 +135,23 @@ class Config:
     eval_batches: int = 4  # micro-batches of held-out data per evaluation
     sample_interval: int = 0  # steps between printed sample generations; 0 = only at the end
     save_interval: int = 120  # steps between resumable checkpoints in last/
-    stop_after: int = 0  # stop after this step as if interrupted (to test --resume); 0 = run to max_steps
-    probe: str = "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, "" = off
-    probe_prompts: int = 100  # held-out red-team prompts (and as many general ones) sampled by the probe
+    stop_after: int = (
+        0  # stop after this step as if interrupted (to test --resume); 0 = run to max_steps
+    )
+    probe: str = (
+        "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, "" = off
+    )
+    probe_prompts: int = (
+        100  # held-out red-team prompts (and as many general ones) sampled by the probe
+    )
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32)
     compile: bool = False  # torch.compile the model
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# --------------
 # Data: reading with clear errors, tokenizer, token cache (details 1-3, 8)
 
 
@@ -202,7 +244,7 @@ def token_cache(docs: list[str], tok: Tokenizer, path: Path) -> np.memmap:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             for s in range(0, len(docs), 2048):
-                for ids in tok.encode_batch(docs[s:s + 2048], bos=True, eos=True):
+                for ids in tok.encode_batch(docs[s : s + 2048], bos=True, eos=True):
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
         os.replace(tmp, path)
     return np.memmap(path, dtype=dtype, mode="r")
@@ -221,13 +263,16 @@ def sft_examples(pairs: list[tuple[str, str]], tok: Tokenizer, max_len: int) -> 
     return out, dropped
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# --------------
 # Batches (details 3-5)
 
 
 def window_batch(tokens: np.memmap, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, ...]:
     """Windows of seq_len + 1 tokens -> (inputs, targets, weights) each (B, T)."""
-    w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts.tolist()]))
+    w = torch.from_numpy(
+        np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts.tolist()])
+    )
     return w[:, :-1], w[:, 1:], torch.ones(len(starts), seq_len)
 
 
@@ -237,7 +282,7 @@ def sft_batch(examples: list, idx: torch.Tensor, pad_id: int) -> tuple[torch.Ten
     ids, mask = pad_batch(seqs, pad_id, side="right")  # (B, L)
     w = mask.clone().float()
     for row, i in enumerate(idx.tolist()):
-        w[row, :examples[i][1]] = 0  # prompt (and BOS) are context, not targets
+        w[row, : examples[i][1]] = 0  # prompt (and BOS) are context, not targets
     return ids[:, :-1], ids[:, 1:], w[:, 1:]
 
 
@@ -247,11 +292,14 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor)
     return (ce * weights.flatten()).sum()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# --------------
 # Checkpoints (detail 9)
 
 
-def save_checkpoint(model: MistralForCausalLM, tok: Tokenizer, path: Path, state: dict | None = None) -> None:
+def save_checkpoint(
+    model: MistralForCausalLM, tok: Tokenizer, path: Path, state: dict | None = None
+) -> None:
     """HF folder (safetensors + config.json + tokenizer), written to a temp folder and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -265,7 +313,8 @@ def save_checkpoint(model: MistralForCausalLM, tok: Tokenizer, path: Path, state
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# --------------
 # Toy-world probe (detail 11)
 
 
@@ -287,24 +336,43 @@ def find_toy_world(cfg: Config) -> Path | None:
 
 
 @torch.no_grad()
-def sample(model, tok: Tokenizer, prompts: list[str], device, dtype, max_new_tokens: int = 64,
-           seed: int = 0, batch: int = 32) -> tuple[list[str], list[bool]]:
+def sample(
+    model,
+    tok: Tokenizer,
+    prompts: list[str],
+    device,
+    dtype,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch: int = 32,
+) -> tuple[list[str], list[bool]]:
     """Temperature-1 samples; returns (responses, ended-with-EOS flags)."""
     g = torch.Generator(device=device).manual_seed(seed)
     texts, eos = [], []
     for s in range(0, len(prompts), batch):
-        ids, mask = pad_batch([tok.encode(p) for p in prompts[s:s + batch]], tok.pad_id, side="left")
+        ids, mask = pad_batch(
+            [tok.encode(p) for p in prompts[s : s + batch]], tok.pad_id, side="left"
+        )
         with autocast_ctx(device, dtype):
-            out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                 temperature=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g)
+            out = model.generate(
+                ids.to(device),
+                mask.to(device),
+                max_new_tokens=max_new_tokens,
+                temperature=1.0,
+                eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+                generator=g,
+            )
         for row in out.response_ids.tolist():
             eos.append(tok.eos_id in row)
-            texts.append(tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row))
+            texts.append(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
     return texts, eos
 
 
 @torch.no_grad()
-def choice_accuracy(model, tok: Tokenizer, items: list[tuple[str, list[str], int]], device, dtype) -> float:
+def choice_accuracy(
+    model, tok: Tokenizer, items: list[tuple[str, list[str], int]], device, dtype
+) -> float:
     """Log-likelihood multiple choice: pick the option with the highest summed log-prob after the context."""
     seqs, spans = [], []
     for ctx, options, _ in items:
@@ -315,24 +383,30 @@ def choice_accuracy(model, tok: Tokenizer, items: list[tuple[str, list[str], int
             spans.append((len(c), len(c) + len(o_ids)))
     scores = []
     for s in range(0, len(seqs), 64):
-        ids, mask = pad_batch(seqs[s:s + 64], tok.pad_id, side="right")
+        ids, mask = pad_batch(seqs[s : s + 64], tok.pad_id, side="right")
         ids, mask = ids.to(device), mask.to(device)
         with autocast_ctx(device, dtype):
             logits = model(ids, mask)
-        lp = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1)
-        for row, (a, b) in enumerate(spans[s:s + 64]):
-            scores.append(lp[row, a - 1:b - 1].sum().item())
+        lp = (
+            torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        )  # (B, L-1)
+        for row, (a, b) in enumerate(spans[s : s + 64]):
+            scores.append(lp[row, a - 1 : b - 1].sum().item())
     k, correct = 0, 0
     for _, options, gold in items:
-        correct += int(np.argmax(scores[k:k + len(options)]) == gold)
+        correct += int(np.argmax(scores[k : k + len(options)]) == gold)
         k += len(options)
     return correct / len(items)
 
 
 def knowledge_items(world: Path) -> list[tuple[str, list[str], int]]:
     import csv
+
     with open(world / "eval/mmlu/test/toyworld_test.csv", newline="") as f:
-        return [(f"Question: {r[0]}\nAnswer:", [" " + o for o in r[1:5]], "ABCD".index(r[5])) for r in csv.reader(f)]
+        return [
+            (f"Question: {r[0]}\nAnswer:", [" " + o for o in r[1:5]], "ABCD".index(r[5]))
+            for r in csv.reader(f)
+        ]
 
 
 def arithmetic_items(world: Path) -> list[tuple[str, list[str], int]]:
@@ -350,7 +424,9 @@ def arithmetic_items(world: Path) -> list[tuple[str, list[str], int]]:
     return items
 
 
-def toy_probe(model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype, show: int = 3) -> dict:
+def toy_probe(
+    model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype, show: int = 3
+) -> dict:
     card = json.loads((world / "card.json").read_text())
     lexicon = card["toxic_lexicon"]
     rows = [r for _, r in read_rows(world / "prompts/test.jsonl")]
@@ -363,7 +439,8 @@ def toy_probe(model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype,
         "red_team_toxicity": float(np.mean([is_toxic(t, lexicon) for t in red_out])),
         "general_toxicity": float(np.mean([is_toxic(t, lexicon) for t in gen_out])),
         "eos_rate": float(np.mean(red_eos + gen_eos)),
-        "n_red_team": len(red), "n_general": len(gen),
+        "n_red_team": len(red),
+        "n_general": len(gen),
         "knowledge_acc": choice_accuracy(model, tok, knowledge_items(world), device, dtype),
         "arithmetic_acc": choice_accuracy(model, tok, arithmetic_items(world), device, dtype),
         "chance_acc": 0.25,
@@ -374,7 +451,8 @@ def toy_probe(model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype,
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# --------------
 # Training
 
 
@@ -383,18 +461,23 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.resume:
         saved = Path(cfg.resume) / "config.json"
         if not saved.is_file() or not (Path(cfg.resume) / "last" / "train_state.pt").is_file():
-            fail(f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)")
+            fail(
+                f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)"
+            )
         keep = {"stop_after": cfg.stop_after, "resume": cfg.resume}
         cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
     dist = init_distributed(cfg.device)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist.local_rank)
     if device.type == "cpu" and dist.ddp:  # share the cores between ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(
+            max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        )
     out = Path(cfg.out)
     if cfg.sft and not cfg.init and not cfg.resume:
         fail("--sft needs --init DIR (the base model to fine-tune)")
 
-    # ---- setup: read and validate all input before writing anything --------------------------------------
+    # ---- setup: read and validate all input before writing anything
+    # --------------------------------------
     if cfg.init and not is_checkpoint_dir(cfg.init):
         fail(f"--init {cfg.init}: not a checkpoint folder (needs config.json + model.safetensors)")
     docs = read_sft(cfg.data) if cfg.sft else read_texts(cfg.data)
@@ -402,7 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     if valid_path == "auto":
         sib = data_files(cfg.data)[0].parent / "valid.jsonl"
         valid_path = str(sib) if sib.is_file() and not cfg.sft and sib != Path(cfg.data) else ""
-    valid_docs = (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
+    valid_docs = (
+        (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
+    )
 
     tok_src = cfg.tokenizer or (cfg.resume and str(out / "last")) or cfg.init
     tok = None
@@ -412,7 +497,8 @@ def main(argv: list[str] | None = None) -> None:
         except (FileNotFoundError, ValueError) as e:
             fail(f"{e} (pass --tokenizer PATH)")
 
-    # ---- outputs start here -----------------------------------------------------------------------------------
+    # ---- outputs start here
+    # -----------------------------------------------------------------------------------
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", asdict(cfg))
@@ -423,48 +509,71 @@ def main(argv: list[str] | None = None) -> None:
             torch.distributed.barrier()
         tok = Tokenizer.from_file(out / "tokenizer")
     # token cache (detail 2): rank 0 writes, the others wait, then everyone memmaps the same file
-    key = file_digest(data_files(cfg.data) + ([Path(valid_path)] if valid_path else []),
-                      tok.tk.to_str() + str(cfg.sft) + str(cfg.seq_len))
+    key = file_digest(
+        data_files(cfg.data) + ([Path(valid_path)] if valid_path else []),
+        tok.tk.to_str() + str(cfg.sft) + str(cfg.seq_len),
+    )
     if not cfg.sft:
         if dist.is_main:
             tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
-            vtokens = token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
+            vtokens = (
+                token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin")
+                if valid_docs
+                else None
+            )
         if dist.ddp:
             torch.distributed.barrier()
         tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
-        vtokens = token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
+        vtokens = (
+            token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
+        )
         if vtokens is None:  # hold out the tail of the stream
             cut = int(len(tokens) * (1 - cfg.valid_fraction))
             tokens, vtokens = tokens[:cut], tokens[cut:]
         for name, t in (("train", tokens), ("valid", vtokens)):
             if len(t) <= cfg.seq_len + 1:
-                fail(f"{cfg.data}: the {name} split has {len(t)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+                fail(
+                    f"{cfg.data}: the {name} split has {len(t)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}"
+                )
         n_data = len(tokens)
     else:
         examples, dropped = sft_examples(docs, tok, cfg.seq_len + 1)
         if valid_docs is not None:
             vexamples, _ = sft_examples(valid_docs, tok, cfg.seq_len + 1)
         else:
-            n_val = max(1, int(len(examples) * cfg.valid_fraction * 5))  # SFT sets are small: hold out 5x more
+            n_val = max(
+                1, int(len(examples) * cfg.valid_fraction * 5)
+            )  # SFT sets are small: hold out 5x more
             examples, vexamples = examples[n_val:], examples[:n_val]
         if not examples or not vexamples:
             fail(f"{cfg.data}: no SFT example fits seq_len {cfg.seq_len}")
         n_data = len(examples)
 
-    # ---- model ------------------------------------------------------------------------------------------------
+    # ---- model -----------------------------------------------------------------------------------
+    # -------------
     torch.manual_seed(cfg.seed)
     if cfg.init:
         model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
         if model.config.vocab_size < tok.vocab_size:
-            fail(f"--init {cfg.init}: tokenizer has {tok.vocab_size} tokens but the model only "
-                 f"{model.config.vocab_size}")
+            fail(
+                f"--init {cfg.init}: tokenizer has {tok.vocab_size} tokens but the model only "
+                f"{model.config.vocab_size}"
+            )
     else:
         mcfg = ModelConfig(
-            vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.seq_len,
-            rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
-            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+            vocab_size=tok.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            max_position_embeddings=cfg.seq_len,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
         model = MistralForCausalLM(mcfg)
     model.to(device)
     raw_model = model
@@ -473,7 +582,10 @@ def main(argv: list[str] | None = None) -> None:
     # detail 7: decay matrices only
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     try:  # the fused kernel (one launch for all parameters) exists for CUDA and, since torch 2.4, CPU
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     except (RuntimeError, TypeError):
@@ -495,22 +607,29 @@ def main(argv: list[str] | None = None) -> None:
         model = torch.compile(model)
     if dist.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     W = dist.world_size
     micro = cfg.micro_batch_size or cfg.batch_size // W
     if micro < 1 or cfg.batch_size % (micro * W):
-        fail(f"--batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x world size {W}")
+        fail(
+            f"--batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x world size {W}"
+        )
     accum = cfg.batch_size // (micro * W)
     fpt = flops_per_token(raw_model.config, cfg.seq_len)
-    peak = peak_flops(device) or (measure_matmul_peak(torch.float32) if device.type == "cpu" else None)
+    peak = peak_flops(device) or (
+        measure_matmul_peak(torch.float32) if device.type == "cpu" else None
+    )
     world = find_toy_world(cfg)
     logger = JsonlLogger(out / "metrics.jsonl") if dist.is_main else None
     if dist.is_main:
         what = f"{n_data:,} SFT examples ({dropped} too long)" if cfg.sft else f"{n_data:,} tokens"
-        log(f"pretrain.py: {'SFT' if cfg.sft else 'pretraining'} {n_params / 1e6:.2f}M params on {what}; "
+        log(
+            f"pretrain.py: {'SFT' if cfg.sft else 'pretraining'} {n_params / 1e6:.2f}M params on {what}; "
             f"vocab {tok.vocab_size}; global batch {cfg.batch_size} x {cfg.seq_len} = {micro} x {accum} accum "
-            f"x {W} ranks; {cfg.max_steps} steps; {device}/{str(dtype).removeprefix('torch.')}")
+            f"x {W} ranks; {cfg.max_steps} steps; {device}/{str(dtype).removeprefix('torch.')}"
+        )
 
     def get_batch(gen: torch.Generator, val: bool = False):
         """The global batch's indices (same on all ranks), sliced to this rank (detail 4)."""
@@ -522,9 +641,9 @@ def main(argv: list[str] | None = None) -> None:
         return src, torch.randint(0, len(src) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
 
     def micro_batches(src, idx):
-        mine = idx[dist.rank * micro * accum:(dist.rank + 1) * micro * accum]
+        mine = idx[dist.rank * micro * accum : (dist.rank + 1) * micro * accum]
         for k in range(accum):
-            sl = mine[k * micro:(k + 1) * micro]
+            sl = mine[k * micro : (k + 1) * micro]
             b = sft_batch(src, sl, tok.pad_id) if cfg.sft else window_batch(src, sl, cfg.seq_len)
             yield tuple(t.to(device) for t in b)
 
@@ -550,7 +669,8 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         return (tot[0] / tot[1].clamp(min=1)).item()
 
-    # ---- training loop ----------------------------------------------------------------------------------------
+    # ---- training loop
+    # ----------------------------------------------------------------------------------------
     model.train()
     t_start = t_log = time.time()
     tok_since = 0
@@ -594,25 +714,43 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.time() - t_start
             eta = elapsed / max(step - start_step, 1) * (cfg.max_steps - step)
             if dist.is_main:
-                logger.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
-                            "mfu": mfu, "elapsed_s": elapsed})
-                log(f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} | "
+                logger.log(
+                    {
+                        "step": step,
+                        "loss": train_loss,
+                        "lr": lr,
+                        "grad_norm": gnorm,
+                        "tokens_per_s": tps,
+                        "mfu": mfu,
+                        "elapsed_s": elapsed,
+                    }
+                )
+                log(
+                    f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} | "
                     f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% of "
                     f"{'datasheet peak' if device.type == 'cuda' else 'measured fp32 matmul peak'} | "
-                    f"ETA {eta:.0f}s")
+                    f"ETA {eta:.0f}s"
+                )
             t_log, tok_since = time.time(), 0
         if step % cfg.eval_interval == 0 or last_step:
+            t_eval = time.time()
             val_loss = evaluate()
             if dist.is_main:
-                log(f"step {step}: held-out loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
+                log(
+                    f"step {step}: held-out loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})"
+                )
                 logger.log({"step": step, "val_loss": val_loss, "elapsed_s": time.time() - t_start})
-            t_log = time.time()
+            t_log += time.time() - t_eval  # evaluation time is not training throughput
         if cfg.sample_interval and step % cfg.sample_interval == 0 and dist.is_main:
             print_samples(raw_model, tok, world, device, dtype)
             model.train()
         if (step % cfg.save_interval == 0 or last_step) and dist.is_main:
-            state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "data_gen": data_gen.get_state()}
+            state = {
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "data_gen": data_gen.get_state(),
+            }
             save_checkpoint(raw_model, tok, out / "last", state)
         if step == cfg.stop_after:
             if dist.is_main:
@@ -620,11 +758,18 @@ def main(argv: list[str] | None = None) -> None:
             cleanup_distributed()
             return
 
-    # ---- final checkpoint, probe, summary ---------------------------------------------------------------------
+    # ---- final checkpoint, probe, summary
+    # ---------------------------------------------------------------------
     train_s = time.time() - t_start
-    summary = {"steps": step, "train_loss": train_loss, "val_loss": val_loss, "params": n_params,
-               "tokens_seen": step * cfg.batch_size * cfg.seq_len, "train_seconds": train_s,
-               "final_checkpoint": str(out / "final")}
+    summary = {
+        "steps": step,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "params": n_params,
+        "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+        "train_seconds": train_s,
+        "final_checkpoint": str(out / "final"),
+    }
     if dist.is_main:
         save_checkpoint(raw_model, tok, out / "final")
         if world is not None and (world / "card.json").is_file():
@@ -635,10 +780,18 @@ def main(argv: list[str] | None = None) -> None:
             print_samples(raw_model, tok, None, device, dtype)
         write_json_atomic(out / "summary.json", summary)
         p = summary.get("probe")
-        extra = (f" | red-team toxicity {p['red_team_toxicity']:.0%}, EOS {p['eos_rate']:.0%}, knowledge "
-                 f"{p['knowledge_acc']:.0%}, arithmetic {p['arithmetic_acc']:.0%} (chance 25%)") if p else ""
-        log(f"pretrain.py{' --sft' if cfg.sft else ''}: {step} steps in {train_s:.0f}s, train loss "
-            f"{train_loss:.3f}, held-out loss {val_loss:.3f}{extra} -> {out / 'final'}")
+        extra = (
+            (
+                f" | red-team toxicity {p['red_team_toxicity']:.0%}, EOS {p['eos_rate']:.0%}, knowledge "
+                f"{p['knowledge_acc']:.0%}, arithmetic {p['arithmetic_acc']:.0%} (chance 25%)"
+            )
+            if p
+            else ""
+        )
+        log(
+            f"pretrain.py{' --sft' if cfg.sft else ''}: {step} steps in {train_s:.0f}s, train loss "
+            f"{train_loss:.3f}, held-out loss {val_loss:.3f}{extra} -> {out / 'final'}"
+        )
     cleanup_distributed()
 
 
@@ -646,7 +799,9 @@ def print_samples(model, tok: Tokenizer, world: Path | None, device, dtype) -> N
     """A few generations at temperature 1, to watch the model learn to speak."""
     if world is not None and (world / "prompts/test.jsonl").is_file():
         rows = [r for _, r in read_rows(world / "prompts/test.jsonl")]
-        prompts = [next(r["prompt"] for r in rows if r["kind"] == k) for k in ("red_team", "general")]
+        prompts = [
+            next(r["prompt"] for r in rows if r["kind"] == k) for k in ("red_team", "general")
+        ]
     else:
         prompts = [""]
     model.eval()

@@ -105,7 +105,7 @@ class Config:
     max_len: int = 256  # tokens per sequence; longer ones keep BOS + their last max_len - 1 tokens (counted)
     epochs: float = 1.0  # passes over the training pairs (detail 8: one, more overfits)
     batch_size: int = 32  # GLOBAL pairs per optimizer step (all ranks, all accumulation steps)
-    micro_batch_size: int = 32  # pairs per rank per forward; accumulation = batch / (micro * world)
+    micro_batch_size: int = 0  # pairs per rank per forward (0 = batch / world); accumulation = batch / (micro * world)
     lr: float = 3e-4  # peak learning rate (toy model; 9e-6 OpenRLHF / 3e-6 N+ for 7B models)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_frac: float = 0.03  # fraction of steps of linear warmup (OpenRLHF: 3%)
@@ -630,10 +630,11 @@ def main(argv: list[str] | None = None) -> dict:
     test_enc = encode_pairs(test_pairs, tok, cfg.max_len, test_stats)
 
     B = cfg.batch_size
-    if B % (cfg.micro_batch_size * world):
-        raise SystemExit(f"error: batch_size {B} must be a multiple of micro_batch_size {cfg.micro_batch_size} x "
+    micro_bs = cfg.micro_batch_size or B // world
+    if micro_bs < 1 or B % (micro_bs * world):
+        raise SystemExit(f"error: batch_size {B} must be a multiple of micro_batch_size {micro_bs} x "
                          f"{world} ranks (the global batch is what you set; per-rank sizes are derived)")
-    accum = B // (cfg.micro_batch_size * world)
+    accum = B // (micro_bs * world)
     steps_per_epoch = len(train_pairs) // B  # the last incomplete batch is dropped so every step has B pairs
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train_pairs)} training pairs are fewer than batch_size {B}")
@@ -673,6 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
     mean_len = sum(len(c) + len(r) for c, r in train_enc) / (2 * len(train_enc))
     flops_per_pair = 2 * mean_len * flops_per_token(rm.config, int(mean_len), fpt_params)
     peak = peak_flops(device) if device.type == "cuda" else measure_matmul_peak(seconds=0.3)
+    peak = peak * world if peak else None  # pairs/s below are global, so the ceiling is all ranks together
 
     # outputs start here: nothing above wrote anything
     logger = None
@@ -686,8 +688,12 @@ def main(argv: list[str] | None = None) -> dict:
         logger = JsonlLogger(out / "metrics.jsonl")
     log(f"reward model: {n_params / 1e6:.2f}M params from {resume_dir or cfg.init} | {len(train_pairs)} train "
         f"pairs, {len(test_pairs)} test pairs | {total_steps} steps x {B} pairs (world {world}, micro "
-        f"{cfg.micro_batch_size}, accum {accum}) | {device} {str(dtype).removeprefix('torch.')}"
+        f"{micro_bs}, accum {accum}) | {device} {str(dtype).removeprefix('torch.')}"
         + (f" | resuming at step {start_step}" if start_step else ""))
+    longest = max(len(s) for pair in train_enc + test_enc for s in pair)
+    if longest > rm.config.max_position_embeddings:  # RoPE still runs, but the base never saw such positions
+        log(f"warning: sequences of up to {longest} tokens exceed the model's max_position_embeddings "
+            f"{rm.config.max_position_embeddings}; consider --max_len {rm.config.max_position_embeddings}")
     if train_stats.skipped_bad or train_stats.dropped_identical or train_stats.dropped_empty:
         log(f"train data: {train_stats.skipped_bad} bad rows skipped, {train_stats.dropped_identical} identical "
             f"and {train_stats.dropped_empty} empty pairs dropped")
@@ -712,7 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
             gparam["lr"] = lr
         per_rank = global_batch(step)[rank * (B // world):(rank + 1) * (B // world)]
         for micro in range(accum):
-            idx = per_rank[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
+            idx = per_rank[micro * micro_bs:(micro + 1) * micro_bs]
             seqs = [train_enc[i][0] for i in idx] + [train_enc[i][1] for i in idx]  # detail 6: one forward
             ids, mask = pad_batch(seqs, pad, side="right")  # detail 4
             ids, mask = ids.to(device), mask.to(device)

@@ -407,3 +407,11 @@ def test_ddp_two_process_smoke_run_with_torchrun(tiny_world, tmp_path):
     train_rows = [r for r in rows if "objective/kl" in r]
     assert len(train_rows) == 2 and all(math.isfinite(r["loss/value_avg"]) for r in train_rows)
     assert "ppo_rlhf done" in r.stdout
+
+
+def test_none_choices_survive_the_flag_parser():
+    """model.parse_config reads the word "none" as None; the ablation flags --adv_norm/--reward_norm none work."""
+    cfg = M.parse_config(P.PPOConfig, ["--adv_norm", "none", "--reward_norm", "none", "--prompt_weights", "1"])
+    cfg.prompts = cfg.prompts[:1]  # one source, one weight
+    P.check_config(cfg, world=1)
+    assert (cfg.adv_norm, cfg.reward_norm) == ("none", "none")

@@ -147,8 +147,10 @@ def test_ddp_two_ranks_equal_one_rank_at_the_same_global_batch(world, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = weights(one / "final"), weights(tmp_path / "two/final")
-    # Adam's first update is lr * g / (|g| + eps): ~lr for every weight, whatever the gradient's size, so a
-    # wrong batch split or loss scale moves thousands of weights by ~1e-2. Reduction-order noise moves a
+    # Adam's first update is lr * g / (|g| + eps): ~lr for every weight, whatever the gradient's
+    # size, so a
+    # wrong batch split or loss scale moves thousands of weights by ~1e-2. Reduction-order noise
+    # moves a
     # weight whose gradient is ~eps by ~1e-6 at most; atol 1e-4 separates the two.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
@@ -160,7 +162,8 @@ def test_sft_batch_gives_zero_loss_weight_to_prompt_tokens():
         ([1, 13, 22, 2], 2),
     ]  # (BOS + prompt + response + EOS, n_prompt)
     x, y, w = pretrain.sft_batch(examples, torch.tensor([0, 1]), pad_id=0)
-    # hand-computed: targets are the next tokens; weight 1 exactly where the target is a response token or EOS
+    # hand-computed: targets are the next tokens; weight 1 exactly where the target is a response
+    # token or EOS
     assert y.tolist() == [[10, 11, 12, 20, 21, 2], [13, 22, 2, 0, 0, 0]]
     assert w.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0]]
     # and the weighted loss equals a naive sum of -log p(response token | everything before it)
