@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The recipe end to end, in the order of the Mistral-Plus paper: toy world -> base model -> SFT baseline.
-# (The reward model, PPO and evaluation steps are appended by their issues.)
+# The recipe end to end, in the order of the Mistral-Plus paper: toy world -> base model -> SFT baseline (the
+# comparison the paper argues against) -> harmless reward model -> PPO directly on the base model -> the
+# evaluation table of base / SFT / PPO side by side.
 #
-#   bash pipeline.sh            # default budget: about 7 minutes on 2 CPU cores (the README's main command)
+#   bash pipeline.sh            # the README's main command (2 CPU cores; see README for measured times)
 #   bash pipeline.sh --smoke    # every step for a few iterations (< 1 minute); run by tests/test_pipeline.py
 #
 # Outputs: data/toy/ (the world; --smoke: $OUT/toy), $OUT/pretrain/final (base model), $OUT/sft/final (SFT
 # baseline), each run folder with config.json, metrics.jsonl and summary.json. OUT defaults to out (--smoke:
-# out/smoke). Extra flags after the mode are ignored; set PRETRAIN_ARGS / SFT_ARGS to override step flags.
+# out/smoke). Then $OUT/reward_model/final, $OUT/ppo/final and $OUT/evaluate/results.md. Extra flags after the
+# mode are ignored; set PRETRAIN_ARGS / SFT_ARGS / RM_ARGS / PPO_ARGS / EVAL_ARGS to override step flags.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -21,6 +23,11 @@ if [ "$MODE" = "--smoke" ]; then
          --intermediate_size 64 --seq_len 64 --batch_size 4 --max_steps 3 --log_interval 1 --eval_batches 1
          --probe_prompts 4)
     SFT=(--max_steps 3 --batch_size 4 --log_interval 1 --eval_batches 1 --probe_prompts 4)
+    RM_TRAIN="$WORLD/preference/train.jsonl"
+    RM=(--batch_size 16 --log_every 1 --eval_every 0 --norm_pairs 16)
+    PPO=(--total_iters 2 --rollout_batch_size 4 --num_minibatches 1 --ppo_epochs 1 --max_new_tokens 8
+         --eval_n 8 --eval_corpus_docs 8 --save_every 0)
+    EVAL=(--limit 4)
 else
     OUT=${OUT:-out}
     WORLD=data/toy
@@ -28,9 +35,16 @@ else
     PRE=()
     # SFT baseline: a short, gentler run from the base model (response tokens only; pretrain.py detail 8)
     SFT=(--lr 1e-3 --max_steps 60 --warmup_steps 5 --batch_size 16 --eval_interval 60 --log_interval 10)
+    RM_TRAIN="$WORLD/preference/train.jsonl:0.25"  # a quarter of the pairs already reaches the noise ceiling
+    RM=()
+    PPO=()
+    EVAL=()
 fi
 read -r -a PRE_EXTRA <<< "${PRETRAIN_ARGS:-}"
 read -r -a SFT_EXTRA <<< "${SFT_ARGS:-}"
+read -r -a RM_EXTRA <<< "${RM_ARGS:-}"
+read -r -a PPO_EXTRA <<< "${PPO_ARGS:-}"
+read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
 
 T0=$SECONDS
 timed() {  # timed NAME CMD...: run a step and record its wall time
@@ -49,7 +63,20 @@ timed pretrain python pretrain.py --data "$WORLD/corpus/train.jsonl" --out "$OUT
 timed sft python pretrain.py --sft --init "$OUT/pretrain/final" --data "$WORLD/sft/train.jsonl" \
     --out "$OUT/sft" ${SFT[@]+"${SFT[@]}"} ${SFT_EXTRA[@]+"${SFT_EXTRA[@]}"}
 
-# the measurements the issue asks for, base vs SFT, read back from the runs' summary.json
+timed reward_model python reward_model.py --init "$OUT/pretrain/final" \
+    --train_files "$RM_TRAIN" --test_files "$WORLD/preference/test.jsonl" \
+    --out "$OUT/reward_model" ${RM[@]+"${RM[@]}"} ${RM_EXTRA[@]+"${RM_EXTRA[@]}"}
+# Mistral-Plus: PPO starts from the *base* model, not from the SFT one
+timed ppo python ppo_rlhf.py --actor "$OUT/pretrain/final" --reward_model "$OUT/reward_model/final" \
+    --prompts "$WORLD/prompts/train.jsonl#red_team" "$WORLD/prompts/train.jsonl#general" \
+    --eval_prompts "$WORLD/prompts/test.jsonl" --eval_corpus "$WORLD/corpus/valid.jsonl" \
+    --ptx_data "$WORLD/corpus/train.jsonl" --toxic_lexicon "$WORLD/card.json" --out "$OUT/ppo" \
+    ${PPO[@]+"${PPO[@]}"} ${PPO_EXTRA[@]+"${PPO_EXTRA[@]}"}
+timed evaluate python evaluate.py --model base="$OUT/pretrain/final" --model sft="$OUT/sft/final" \
+    --model ppo="$OUT/ppo/final" --judge "$OUT/reward_model/final" --toy_dir "$WORLD" \
+    --out "$OUT/evaluate" ${EVAL[@]+"${EVAL[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
+
+# the base vs SFT measurements of the pretraining step, read back from the runs' summary.json
 python - "$OUT" "$((SECONDS - T0))" <<'EOF'
 import json, sys
 out, total = sys.argv[1], sys.argv[2]
@@ -63,5 +90,7 @@ for label, key, fmt in rows:
     print(f"{label:28}" + "".join(f"{fmt.format(s[k]['probe'][key]):>8}" for k in ("pretrain", "sft")))
 print(f"{'held-out loss':28}" + "".join(f"{s[k]['val_loss']:>8.3f}" for k in ("pretrain", "sft")))
 print("wall time: " + ", ".join(f"{k} {v}s" for k, v in times.items()) + f"; total {total}s")
-print(f"pipeline: base model {out}/pretrain/final, SFT baseline {out}/sft/final")
+print(f"pipeline: base {out}/pretrain/final, SFT {out}/sft/final, RM {out}/reward_model/final, "
+      f"PPO {out}/ppo/final; evaluation table {out}/evaluate/results.md")
 EOF
+cat "$OUT/evaluate/results.md"
