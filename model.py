@@ -406,8 +406,16 @@ class MistralForCausalLM(nn.Module):
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         return KVCache(self.config, batch, max_len, p.device, dtype)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def generate(self, input_ids: torch.Tensor, *args, **kwargs) -> GenerateOutput:
+        """Batched sampling with the KV cache; see `_generate` for the arguments. Runs under inference_mode
+        (less per-op overhead than no_grad, which matters for batch-1 decoding) and returns ordinary tensors,
+        so PPO can feed them to a training forward."""
+        with torch.inference_mode():
+            out = self._generate(input_ids, *args, **kwargs)
+        return GenerateOutput(*(None if getattr(out, f.name) is None else getattr(out, f.name).clone()
+                                for f in dataclasses.fields(out)))
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  do_sample: bool = True, eos_token_id: int | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, return_logprobs: bool = False,
