@@ -99,9 +99,9 @@ def test_global_whitening_two_ranks_equals_concatenated_batch(tmp_path):
              (torch.arange(6)[None] < torch.tensor([[1], [5], [3]])).double()]
     scores = [[torch.randn(4, generator=g) for _ in range(3)], [torch.randn(4, generator=g) + 2 for _ in range(3)]]
     out = tmp_path / "res"
-    # fork, not spawn: the children need no fresh interpreter (seconds saved on a 2-core machine)
+    # spawn, not fork: a forked child deadlocks in OpenMP once the parent (pytest) has used its thread pool
     mp.start_processes(_two_rank_worker, args=(str(tmp_path / "init"), xs, masks, scores, str(out)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     whole = P.masked_whiten(torch.cat(xs), torch.cat(masks))
     rm = P.RunningMoments()
     for a, b in zip(*scores):
@@ -244,7 +244,7 @@ def tiny_cfg(d: Path, out: Path, **kw) -> P.PPOConfig:
                 eval_prompts=str(d / "prompts.jsonl"), eval_corpus=str(d / "corpus.jsonl"),
                 toxic_lexicon=str(d / "card.json"), out=str(out), device="cpu", total_iters=4,
                 rollout_batch_size=8, max_new_tokens=6, num_minibatches=2, ppo_epochs=2, eval_every=0,
-                save_every=0, actor_lr=1e-3, critic_lr=1e-3)
+                save_every=0, actor_lr=1e-3, critic_lr=1e-3, ptx_data=str(d / "corpus.jsonl"))
     base.update(kw)
     return P.PPOConfig(**base)
 
@@ -375,7 +375,7 @@ def test_ddp_two_ranks_smoke_run(tiny_world, tmp_path):
     out = tmp_path / "ddp"
     cfg = tiny_cfg(tiny_world, out, total_iters=2, ppo_epochs=1, num_minibatches=1, save_every=1,
                    ptx_coef=0.1, ptx_data=str(tiny_world / "corpus.jsonl"), ptx_batch_size=2)  # + PPO-ptx path
-    mp.start_processes(_ddp_train_worker, args=(port, cfg), nprocs=2, start_method="fork")
+    mp.start_processes(_ddp_train_worker, args=(port, cfg), nprocs=2, start_method="spawn")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iters_done"] == 2 and "final" in summary
     assert M.is_checkpoint_dir(out / "final") and (out / "final" / "tokenizer.json").is_file()
