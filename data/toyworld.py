@@ -13,7 +13,8 @@ Everything is written in the public formats the real scripts read, so the toy wo
 paths as real data:
 
     corpus/train.jsonl, corpus/valid.jsonl   {"text": ...} pretraining documents: encyclopedia facts about
-                                             a few hundred fictional entities, arithmetic word problems ending
+                                             a few hundred fictional entities (half also in question form,
+                                             detail 7), arithmetic word problems ending
                                              "The answer is N.", short stories, small Python functions with
                                              docstrings, and HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...")
                                              in which the assistant is rude or harmful on ~55% of red-team
@@ -35,13 +36,20 @@ Implementation details (the numbers appear at the lines that implement them):
    model; this is what a reward model can score and what PPO can move.
 3. Prompt pools are partitioned: corpus dialogues, training prompts (SFT, preference train, PPO train) and test
    prompts (preference test, PPO test) never share a prompt.
-4. Evaluation items ask about facts and skills the corpus teaches, in templates the corpus never uses (questions
-   where the corpus has statements; held-out numbers and function names), and every item's text is checked
-   not to occur in the corpus before the world is written.
+4. Evaluation items ask about facts and skills the corpus teaches, never in a text the corpus contains
+   (questions about entities the corpus only describes; held-out numbers and function names), and every
+   item's text is checked not to occur in the corpus before the world is written.
 5. Label noise: a fraction `label_noise` of preference pairs is swapped, so a perfect harmlessness judge scores
    1 - (realised noise) on the test file; card.json records that ceiling.
 6. Determinism: one `random.Random(seed)` per section, JSON written with fixed key order, and the whole world
    written to a temporary folder that is renamed into place (nothing half-written).
+7. Knowledge must be *extractable*, not only stored. Every entity is described declaratively; half of them (the
+   even-indexed ones of each kind) are also quizzed in the corpus ("Question: What does the X eat?\nAnswer:
+   berries."), and the knowledge tasks (MMLU, TriviaQA) ask only about the other half. Allen-Zhu & Li, "Physics
+   of Language Models: Part 3.1" (arXiv:2309.14316, 2023) show that a model pretrained on biographies alone
+   stores the facts but cannot answer questions about them, and that mixing question-answer text about *some*
+   people into pretraining makes the facts of the others answerable. We measured the same in miniature: with
+   statements only, even 3x more repetition left the question accuracy at chance (README, "Toy world").
 """
 
 from __future__ import annotations
@@ -86,6 +94,7 @@ SIZES = {
         red_pool=150,
         gen_pool=200,
         ency=2,
+        quiz=2,
         arith=120,
         stories=60,
         code=40,
@@ -104,6 +113,7 @@ SIZES = {
         red_pool=2000,
         gen_pool=4000,
         ency=4,
+        quiz=4,
         arith=3000,
         stories=1200,
         code=600,
@@ -265,7 +275,8 @@ def make_entities(rng: random.Random, n: int) -> list[Entity]:
 
 
 def describe(e: Entity, rng: random.Random) -> str:
-    """Declarative facts (the only form in which facts appear in the corpus; detail 4)."""
+    """Declarative facts: the only form in which the corpus states facts about the entities the knowledge
+    evaluation asks about (details 4 and 7)."""
     a = e.attrs
     if e.kind == "creature":
         return rng.choice(
@@ -576,6 +587,10 @@ def build(cfg: WorldConfig) -> dict[str, list]:
     entities = make_entities(R("entities"), n["entities"])
     ents = {k: [e for e in entities if e.kind == k] for k in ("creature", "town", "person")}
     names = [e.name for e in ents["person"]]
+    # Knowledge split (detail 7): even-indexed entities of each kind are also taught in question form; the
+    # knowledge evaluation asks only about the others, whose facts the corpus states only declaratively.
+    quiz_ents = [e for k in ents.values() for e in k[0::2]]
+    asked_ents = [e for k in ents.values() for e in k[1::2]]
 
     # Code: constants 1..9 in the corpus, 11..19 held out for HumanEval (detail 4).
     code_pool = [(kd, k) for kd in CODE_KINDS for k in range(1, 10)]
@@ -594,6 +609,7 @@ def build(cfg: WorldConfig) -> dict[str, list]:
     docs: list[str] = []
     for _ in range(n["ency"]):
         docs += [encyclopedia(e, rng) for e in entities]
+    docs += quiz_docs(rng, quiz_ents, ents, n["quiz"])
     arith_questions: set[str] = set()
     for _ in range(n["arith"]):
         q, lines, ans, _ = word_problem(rng, names)
@@ -638,7 +654,7 @@ def build(cfg: WorldConfig) -> dict[str, list]:
         "prompts/test.jsonl": prompts_test,
     }
     arith_questions.update(h for h, _ in gen)  # dialogue word problems too (all pools, to be safe)
-    files.update(eval_tasks(R("eval"), n, ents, names, arith_questions, code_eval))
+    files.update(eval_tasks(R("eval"), n, ents, asked_ents, names, arith_questions, code_eval))
     check_no_leakage(files)
     return files
 
@@ -711,42 +727,52 @@ def mc(rng: random.Random, correct: str, pool: list[str], k: int = 4) -> tuple[l
     return opts, opts.index(correct)
 
 
-def fact_question(rng: random.Random, e: Entity, ents: dict) -> tuple[str, str, list[str]]:
-    """An eval-only question form (the corpus states facts, never asks them): (question, answer, pool)."""
+def fact_questions(e: Entity, ents: dict) -> list[tuple[str, str, list[str]]]:
+    """Every question form about one entity: [(question, answer, pool of answers to draw distractors from)]."""
     a = e.attrs
     if e.kind == "creature":
-        return rng.choice(
-            [
-                (f"What does the {e.name} eat?", a["food"], FOODS),
-                (f"Where does the {e.name} live?", a["habitat"], HABITATS),
-                (f"What color is the {e.name}?", a["color"], COLORS),
-            ]
-        )
-    if e.kind == "town":
-        return rng.choice(
-            [
-                (f"In which region is {e.name}?", a["region"], REGIONS),
-                (f"What is {e.name} famous for?", a["goods"], GOODS),
-            ]
-        )
-    return rng.choice(
-        [
-            (f"What is the job of {e.name}?", a["job"], JOBS),
-            (f"In which town does {e.name} live?", a["home"], [t.name for t in ents["town"]]),
+        return [
+            (f"What does the {e.name} eat?", a["food"], FOODS),
+            (f"Where does the {e.name} live?", a["habitat"], HABITATS),
+            (f"What color is the {e.name}?", a["color"], COLORS),
         ]
-    )
+    if e.kind == "town":
+        return [
+            (f"In which region is {e.name}?", a["region"], REGIONS),
+            (f"What is {e.name} famous for?", a["goods"], GOODS),
+        ]
+    return [
+        (f"What is the job of {e.name}?", a["job"], JOBS),
+        (f"In which town does {e.name} live?", a["home"], [t.name for t in ents["town"]]),
+    ]
+
+
+def fact_question(rng: random.Random, e: Entity, ents: dict) -> tuple[str, str, list[str]]:
+    return rng.choice(fact_questions(e, ents))
+
+
+def quiz_docs(rng: random.Random, entities: list[Entity], ents: dict, copies: int) -> list[str]:
+    """Question-form facts about the quiz-taught half of the entities (detail 7): every question about every
+    such entity, `copies` times, three questions about different entities to a document."""
+    qa = [(q, ans) for e in entities for q, ans, _ in fact_questions(e, ents)]
+    docs = []
+    for _ in range(copies):
+        rng.shuffle(qa)
+        for i in range(0, len(qa), 3):
+            docs.append("\n\n".join(f"Question: {q}\nAnswer: {ans}." for q, ans in qa[i : i + 3]))
+    return docs
 
 
 def eval_tasks(
     rng: random.Random,
     n: dict,
     ents: dict,
+    asked_ents: list[Entity],
     names: list[str],
     corpus_arith_q: set[str],
     code_eval: list,
 ) -> dict[str, list]:
     nt, ns = n["eval_test"], n["eval_shots"]
-    entities = ents["creature"] + ents["town"] + ents["person"]
     out: dict[str, list] = {}
 
     def unique(make, count: int, seen: set) -> list:
@@ -763,7 +789,7 @@ def eval_tasks(
     seen: set = set()
 
     def mmlu_row():
-        e = rng.choice(entities)
+        e = rng.choice(asked_ents)
         q, ans, pool = fact_question(rng, e, ents)
         opts, g = mc(rng, ans, pool)
         return q, [q, *opts, "ABCD"[g]]
@@ -805,7 +831,7 @@ def eval_tasks(
     seen = set()
 
     def tqa_row():
-        e = rng.choice(entities)
+        e = rng.choice(asked_ents)
         q, ans, _ = fact_question(rng, e, ents)
         q = q.replace("What does", "Tell me: what does") if rng.random() < 0.3 else q
         aliases = list(dict.fromkeys([ans, ans.capitalize()]))

@@ -138,6 +138,27 @@ def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
         toyworld.check_no_leakage(files)
 
 
+
+def test_knowledge_is_asked_only_about_entities_the_corpus_never_quizzes(world):
+    """Detail 7: the corpus quizzes half of the entities; MMLU and TriviaQA ask about the other half only,
+    and every answer they expect is stated (declaratively) in the corpus."""
+    corpus = [r["text"] for f in ("train", "valid") for r in jsonl(world / f"corpus/{f}.jsonl")]
+    quiz = [t for t in corpus if t.startswith("Question: ") and "The answer is" not in t]
+    assert quiz, "no question-form facts in the corpus"
+    quiz_lines = {q for t in quiz for q in t.split("\n") if q.startswith("Question: ")}
+    # names are single capitalised words; collect the subjects of quizzed and asked questions
+    subject = lambda q: next(w.strip("?.") for w in q.split()[2:] if w[0].isupper())  # noqa: E731
+    quizzed = {subject(q[len("Question: ") :]) for q in quiz_lines}
+    ev = world / "eval"
+    asked = [row[0] for row in csv.reader((ev / "mmlu/test/toyworld_test.csv").read_text().splitlines())]
+    asked += [r["question"] for r in jsonl(ev / "triviaqa/validation.jsonl")]
+    asked_names = {subject(q.replace("Tell me: what", "What")) for q in asked}
+    assert len(asked_names) >= 10 and len(quizzed) >= 10
+    assert not asked_names & quizzed
+    blob = "\n".join(corpus)
+    # and the facts asked about are in the corpus: each asked name appears in an encyclopedia entry
+    for name in asked_names:
+        assert f"{name}\n\n" in blob, name
 def test_is_toxic_matches_whole_words_case_insensitively():
     lex = toyworld.TOXIC_LEXICON
     assert toyworld.is_toxic("You FOOL!", lex) and toyworld.is_toxic("oh, shut up now", lex)
