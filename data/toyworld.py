@@ -13,7 +13,7 @@ Everything is written in the public formats the real scripts read, so the toy wo
 paths as real data:
 
     corpus/train.jsonl, corpus/valid.jsonl   {"text": ...} pretraining documents: encyclopedia facts about
-                                             a few hundred fictional entities (half also in question form,
+                                             200 fictional entities (half also in question form,
                                              detail 7), arithmetic word problems ending
                                              "The answer is N.", short stories, small Python functions with
                                              docstrings, and HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...")
@@ -86,8 +86,10 @@ class WorldConfig:
     )
 
 
-# Per-size counts. Default is sized so a ~6M-parameter model sees each fact several times in a few
-# minutes.
+# Per-size counts. The default was chosen by measurement with the default 2M-parameter model and 1,500
+# pretraining steps (README, "Toy world"): knowledge accuracy (chance 25%) was 43% with 300 entities, 44% with
+# 300 entities and 1.5x more copies of each (arithmetic fell from 86% to 72%), 49% with 240 and 64% with 200.
+# The number of distinct facts, more than the copies of each, sets the score at this model size.
 SIZES = {
     "tiny": dict(
         entities=40,
@@ -109,15 +111,15 @@ SIZES = {
         eval_shots=5,
     ),
     "default": dict(
-        entities=300,
+        entities=200,
         red_pool=2000,
         gen_pool=4000,
-        ency=4,
-        quiz=4,
-        arith=3000,
-        stories=1200,
+        ency=16,
+        quiz=16,
+        arith=2000,
+        stories=800,
         code=600,
-        dialogues=9000,
+        dialogues=6000,
         valid=300,
         sft=2000,
         pref_train=4000,

@@ -645,3 +645,25 @@ def test_mmlu_reports_micro_and_macro_over_subjects(lm, tmp_path):
     assert m["acc"] == pytest.approx(statistics.mean(x["acc"] for x in samples), abs=1e-6)  # micro
     assert m["acc_macro"] == pytest.approx((per["toyworld"] + per["zoology"]) / 2, abs=1e-6)
     assert m["subsets"] == pytest.approx(per, abs=1e-6)
+
+
+def test_mmlu_cloze_scores_option_text_with_a_naive_reference(lm, tmp_path):
+    """mmlu_cloze: same items as MMLU, but no "A. ..." lines and each option's text is the continuation; the
+    log-likelihoods equal a plain full-forward sum over the option tokens after the evaluator's prompt."""
+    make_toy(tmp_path / "toy")
+    cfg = E.EvalConfig(toy_dir=str(tmp_path / "toy"))
+    td = E.load_task(E.TASKS["toy_mmlu_cloze"], cfg)
+    m, samples = E.score_task(lm, td, E.Context(cfg, None, []), "ll", None)
+    assert "toy_mmlu_cloze" in E.GROUPS["toy"] and "mmlu_cloze" not in E.GROUPS["fathom"]
+    for doc, s in zip(td.docs, samples):
+        assert s["prompt"].endswith("Answer:") and "\nA. " not in s["prompt"]
+        ref = []
+        for opt in doc["choices"]:
+            ctx, cont = lm.tok.encode(s["prompt"], bos=True), lm.tok.encode(" " + opt, bos=False)
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                lp = torch.log_softmax(lm.model(ids).float(), -1)[0]
+            ref.append(sum(lp[len(ctx) + i - 1, t].item() for i, t in enumerate(cont)))
+        assert s["loglikelihoods"] == pytest.approx(ref, abs=1e-4)
+        assert s["pred"] == max(range(4), key=ref.__getitem__)
+    assert m["acc"] == pytest.approx(statistics.mean(s["acc"] for s in samples), abs=1e-6)
