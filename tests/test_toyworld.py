@@ -141,7 +141,7 @@ def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
 
 def test_knowledge_is_asked_only_about_entities_the_corpus_never_quizzes(world):
     """Detail 7: the corpus quizzes half of the entities; MMLU and TriviaQA ask about the other half only,
-    and every answer they expect is stated (declaratively) in the corpus."""
+    and each entity asked about has an encyclopedia entry (its facts are stated, never quizzed)."""
     corpus = [r["text"] for f in ("train", "valid") for r in jsonl(world / f"corpus/{f}.jsonl")]
     quiz = [t for t in corpus if t.startswith("Question: ") and "The answer is" not in t]
     assert quiz, "no question-form facts in the corpus"
