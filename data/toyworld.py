@@ -754,8 +754,8 @@ def fact_question(rng: random.Random, e: Entity, ents: dict) -> tuple[str, str, 
 
 
 def quiz_docs(rng: random.Random, entities: list[Entity], ents: dict, copies: int) -> list[str]:
-    """Question-form facts about the quiz-taught half of the entities (detail 7): every question about every
-    such entity, `copies` times, three questions about different entities to a document."""
+    """Question-form facts about the quizzed half of the entities (detail 7): every question about every such
+    entity, `copies` times, shuffled, three question-answer pairs to a document."""
     qa = [(q, ans) for e in entities for q, ans, _ in fact_questions(e, ents)]
     docs = []
     for _ in range(copies):
