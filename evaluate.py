@@ -83,6 +83,7 @@ from model import (
     init_distributed,
     pad_batch,
     parse_config,
+    read_jsonl as model_read_jsonl,
     resolve_device_dtype,
     write_json_atomic,
 )
@@ -320,19 +321,10 @@ class DataError(ValueError):
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append((i, row))
-    return rows
+    try:
+        return model_read_jsonl(path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def read_json_rows(path: Path) -> list[tuple[int, dict]]:

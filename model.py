@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
+import lzma
 import math
 import os
 import re
@@ -537,6 +539,37 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O
+
+
+def open_text(path: str | os.PathLike):
+    """A text file, transparently decompressed when it ends in .gz or .xz (HH-RLHF and PKU-SafeRLHF ship so)."""
+    name = str(path)
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, row) for every non-blank line of a JSONL(.gz/.xz) file. Any problem raises ValueError
+    naming the file and line, so each script can turn it into its one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: file not found")
+    rows = []
+    with open_text(p) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{p}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append((i, row))
+    return rows
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -68,7 +68,6 @@ bonus (LM-PPO practice); PAD is never EOS (model.Tokenizer).
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -86,8 +85,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (JsonlLogger, MistralForCausalLM, Tokenizer, autocast_ctx, cleanup_distributed, cosine_lr,
-                   init_distributed, log, logprobs_from_logits, pad_batch, parse_config, resolve_device_dtype,
-                   write_json_atomic)
+                   init_distributed, log, logprobs_from_logits, pad_batch, parse_config, read_jsonl,
+                   resolve_device_dtype, write_json_atomic)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -299,30 +298,6 @@ def toxic_regex(lexicon: list[str]) -> re.Pattern | None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: prompt sources (detail 10)
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, row) for every non-blank line; a bad line raises naming file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: file not found")
-    rows = []
-    with _open_text(p) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{p}:{i}: expected a JSON object per line")
-            rows.append((i, row))
-    return rows
 
 
 def prompt_from_row(row: dict, where: str) -> str:

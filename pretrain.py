@@ -73,6 +73,7 @@ from model import (
     pad_batch,
     parse_config,
     peak_flops,
+    read_jsonl,
     resolve_device_dtype,
     train_tokenizer,
     write_json_atomic,
@@ -172,19 +173,12 @@ def data_files(path: str) -> list[Path]:
     return [p]
 
 
-def read_rows(path: Path):
-    """Yield (line number, dict) from a JSONL file, naming file and line on any problem."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{i}: invalid JSON ({e.msg})")
-            if not isinstance(row, dict):
-                fail(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            yield i, row
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, dict) for each row of a JSONL file; a problem ends the run naming file and line."""
+    try:
+        return read_jsonl(path)
+    except ValueError as e:
+        fail(str(e))
 
 
 def read_texts(path: str) -> list[str]:

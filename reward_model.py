@@ -41,7 +41,6 @@ Implementation details (references: shared/reference/rlhf_ppo.md sections b, c, 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import io
 import json
 import lzma
@@ -78,6 +77,7 @@ from model import (
     load_safetensors_dir,
     load_state_dict_strict,
     measure_matmul_peak,
+    open_text,
     pad_batch,
     parse_config,
     peak_flops,
@@ -257,14 +257,6 @@ class DataStats:
     def add(self, other: DataStats) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-def open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.name.endswith(".xz"):  # PKU-SafeRLHF v1 ships .jsonl.xz
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def source_label(path: Path) -> str:

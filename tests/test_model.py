@@ -473,3 +473,25 @@ def test_checkpoint_write_is_atomic_on_failure(tmp_path, monkeypatch):
         m.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before  # old file intact, no temp left
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_read_jsonl_plain_gz_xz_and_errors_name_file_and_line(tmp_path):
+    import gzip
+    import lzma
+
+    text = '{"a": 1}\n\n{"a": 2}\n'
+    (tmp_path / "r.jsonl").write_text(text)
+    with gzip.open(tmp_path / "r.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    with lzma.open(tmp_path / "r.jsonl.xz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    for name in ("r.jsonl", "r.jsonl.gz", "r.jsonl.xz"):  # blank lines skipped, line numbers kept
+        assert M.read_jsonl(tmp_path / name) == [(1, {"a": 1}), (3, {"a": 2})]
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        M.read_jsonl(tmp_path / "bad.jsonl")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"list\.jsonl:1: expected a JSON object, got list"):
+        M.read_jsonl(tmp_path / "list.jsonl")
+    with pytest.raises(ValueError, match="missing.jsonl: file not found"):
+        M.read_jsonl(tmp_path / "missing.jsonl")
