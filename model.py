@@ -40,6 +40,7 @@ import re
 import sys
 import tempfile
 import time
+import typing
 import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -500,9 +501,7 @@ class MistralForCausalLM(nn.Module):
         sd = self.state_dict()
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight")  # HF drops the tied copy (safetensors refuses shared memory)
-        cfg = self.config.to_dict()
-        cfg["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        save_safetensors_dir(path, sd, cfg, max_shard_size)
+        save_safetensors_dir(path, sd, self.config.to_dict(), max_shard_size)
         if tokenizer is not None:
             tokenizer.save(path)
 
@@ -630,11 +629,22 @@ def load_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def save_safetensors_dir(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict,
                          max_shard_size: int = 5 * 10**9) -> None:
-    """Write config.json + weights in the HF layout, each file atomically; shards above max_shard_size."""
+    """Write config.json + weights in the HF layout, each file atomically; shards above max_shard_size.
+
+    The dtype keys are written from the tensors saved, in both spellings: transformers 5 reads "dtype" before
+    "torch_dtype", so a stale "dtype" carried over from the loaded config would load an fp32 save as bf16."""
     from safetensors.torch import save as st_save
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    by_dtype: dict[str, int] = {}
+    for v in tensors.values():
+        if v.is_floating_point():
+            name = str(v.dtype).removeprefix("torch.")
+            by_dtype[name] = by_dtype.get(name, 0) + v.numel()
+    if by_dtype:
+        saved = max(by_dtype, key=by_dtype.get)
+        config = {**config, "torch_dtype": saved, "dtype": saved}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in tensors.items():
@@ -776,7 +786,16 @@ PAD_TOKEN = "<pad>"
 
 
 class Tokenizer:
-    """Thin wrapper over `tokenizers.Tokenizer`: BOS once at the start, EOS on request, a PAD that is not EOS."""
+    """Thin wrapper over `tokenizers.Tokenizer`: BOS once at the start, EOS on request, a PAD that is not EOS.
+
+    The padding rule (one place for every script): a tokenizer with a `<pad>` token pads with it; one without
+    (every real Mistral tokenizer) pads with `<unk>` (id 0), an id *inside* the vocabulary, so the model needs
+    no extra embedding row. Padded positions are masked everywhere, so the id never reaches a loss or a score;
+    pad == EOS is avoided because it would hide real EOS tokens. No token is ever added, so the saved
+    tokenizer.json keeps the checkpoint's ids exactly.
+
+    Spaces follow SentencePiece (and transformers' Mistral tokenizer): a "▁" dummy prefix is added to every
+    text and stripped once on decode, so `decode(encode(" Hello")) == " Hello"`."""
 
     def __init__(self, tk):
         self.tk = tk
@@ -784,11 +803,11 @@ class Tokenizer:
         self.eos_id = tk.token_to_id("</s>")
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("tokenizer has no <s> / </s> tokens")
-        if tk.token_to_id(PAD_TOKEN) is None:  # Mistral ships no PAD; pad == EOS would hide real EOS tokens
-            from tokenizers import AddedToken
-            tk.add_special_tokens([AddedToken(PAD_TOKEN, special=True)])
-        self.pad_id = tk.token_to_id(PAD_TOKEN)
         self.unk_id = tk.token_to_id("<unk>")
+        pad = tk.token_to_id(PAD_TOKEN)
+        self.pad_id = pad if pad is not None else (self.unk_id if self.unk_id is not None else 0)
+        if self.pad_id == self.eos_id:
+            raise ValueError("tokenizer: the padding id would equal EOS; add a <pad> or <unk> token")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -806,6 +825,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def pad_token(self) -> str:
+        return self.tk.id_to_token(self.pad_id)
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
@@ -821,20 +844,29 @@ class Tokenizer:
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(p / "tokenizer.json", self.tk.to_str().encode())
-        # lets transformers' AutoTokenizer load the folder (PreTrainedTokenizerFast reads tokenizer.json)
+        # lets transformers' AutoTokenizer load the folder (PreTrainedTokenizerFast reads tokenizer.json); every
+        # special token named here already exists, so AutoTokenizer adds none and its ids equal ours
+        specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": self.pad_token}
+        if self.unk_id is not None:
+            specials["unk_token"] = "<unk>"
         write_json_atomic(p / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "pad_token": PAD_TOKEN, "add_bos_token": True, "add_eos_token": False,
+            "tokenizer_class": "PreTrainedTokenizerFast", **specials, "add_bos_token": True, "add_eos_token": False,
             "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000})
-        write_json_atomic(p / "special_tokens_map.json", {
-            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": PAD_TOKEN})
+        write_json_atomic(p / "special_tokens_map.json", specials)
+
+
+def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, source: Any) -> None:
+    """Every id the tokenizer can emit, the pad id included, must have an embedding row of the model."""
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} "
+                         f"embedding rows; use the tokenizer.json saved with this checkpoint")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Mistral-style BPE (reference section c): byte fallback, metaspace, ids 0-2 = <unk>,<s>,</s>,
     ids 3-258 = the 256 byte tokens <0x00>..<0xFF> *inside the model vocab*, then learned pieces, then <pad>."""
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as TK
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     n_fixed = len(SPECIALS) + 256 + 1  # specials, bytes, pad
     if vocab_size <= n_fixed:
         raise ValueError(f"vocab_size {vocab_size} must exceed {n_fixed} (specials + 256 bytes + pad)")
@@ -859,6 +891,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     for a in spec["added_tokens"]:
         a["id"] = vocab[a["content"]]
     tk = TK.from_str(json.dumps(spec))
+    tk.add_special_tokens([AddedToken(PAD_TOKEN, special=True)])  # the last id: see Tokenizer's padding rule
+    # SentencePiece's dummy prefix: "▁" before every text, also one that starts with a space (Metaspace's
+    # prepend skips those, which made decode(encode(" Hello")) lose its space); decode strips it once
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                       special_tokens=[("<s>", 1)])
     return Tokenizer(tk)
@@ -869,25 +906,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One flag per dataclass field, same name (underscores kept): `--kl_coef 0.1`, `--compile/--no-compile`."""
+    """One flag per dataclass field, same name (underscores kept): `--kl_coef 0.1`, `--compile/--no-compile`.
+
+    List fields accumulate: `--model a=X --model b=Y` and `--model a=X b=Y` both give [a=X, b=Y]; given at all,
+    they replace the default. "none" means None only for optional numbers (`--max_steps none`); a text field
+    keeps the text "none"."""
+    hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-        typ = f.type if isinstance(f.type, type) else None
-        tname = str(f.type)
-        if isinstance(default, bool) or tname == "bool":
+        typ = hints[f.name]
+        args = typing.get_args(typ)
+        optional = type(None) in args
+        if optional:
+            typ = next(a for a in args if a is not type(None))
+        if typ is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list) or tname.startswith("list"):
-            parser.add_argument(f"--{f.name}", nargs="*", default=default)
+        elif typ is list or typing.get_origin(typ) is list:
+            elem = (typing.get_args(typ) or (str,))[0]
+            # default None, filled in parse_config: argparse's "extend" would otherwise add to the default list
+            parser.add_argument(f"--{f.name}", action="extend", nargs="+", type=elem, default=None,
+                                help=f"(repeatable; default {default})")
+        elif typ in (int, float):
+            parser.add_argument(f"--{f.name}", type=_none_or(typ) if optional else typ, default=default)
         else:
-            conv = (typ if typ in (int, float, str) else
-                    int if "int" in tname and "float" not in tname else float if "float" in tname else str)
-            parser.add_argument(f"--{f.name}", type=_optional(conv), default=default)
+            parser.add_argument(f"--{f.name}", type=str, default=default)
 
 
-def _optional(conv):
+def _none_or(conv):
     def parse(s: str):
         return None if s.lower() in ("none", "null") else conv(s)
-    parse.__name__ = conv.__name__
+    parse.__name__ = conv.__name__  # argparse names the type in its error message
     return parse
 
 
@@ -895,7 +943,11 @@ def parse_config(config_cls: type, argv: list[str] | None = None, description: s
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(parser, config_cls)
-    return config_cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(config_cls):
+        if values[f.name] is None and f.default_factory is not dataclasses.MISSING:  # a list not given
+            values[f.name] = f.default_factory()
+    return config_cls(**values)
 
 
 @dataclass

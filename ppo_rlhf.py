@@ -84,8 +84,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (JsonlLogger, MistralForCausalLM, Tokenizer, autocast_ctx, cleanup_distributed, cosine_lr,
-                   init_distributed, log, logprobs_from_logits, pad_batch, parse_config, read_jsonl,
+from model import (JsonlLogger, MistralForCausalLM, Tokenizer, autocast_ctx, check_tokenizer_fits, cleanup_distributed,
+                   cosine_lr, init_distributed, log, logprobs_from_logits, pad_batch, parse_config, read_jsonl,
                    resolve_device_dtype, write_json_atomic)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -582,7 +582,6 @@ def check_config(cfg: PPOConfig, world: int) -> None:
 def train(cfg: PPOConfig, score_fn=None) -> dict:
     """The whole run. `score_fn(seq, attn, P, has_eos) -> (B,)` replaces the reward model (tests use a
     synthetic reward); by default the RM at cfg.reward_model scores."""
-    cfg.prompt_weights = [float(w) for w in cfg.prompt_weights]
     dinfo = init_distributed(cfg.device)
     rank, world = dinfo.rank, dinfo.world_size
     dev, ptdtype = resolve_device_dtype(cfg.device, cfg.dtype, dinfo.local_rank)
@@ -611,11 +610,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         tok = Tokenizer.from_file(cfg.actor)
         actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.actor, dev)
         ref = MistralForCausalLM.from_pretrained(cfg.actor, dev, dtype=frozen_dtype)
-        V = actor.config.vocab_size
-        if tok.pad_id >= V:  # Mistral ships no PAD: ours sits past the vocab, so inputs use 0 (masked anyway)
-            tok.pad_id = 0
-        if max(tok.bos_id, tok.eos_id) >= V or tok.vocab_size - 1 > V:
-            raise ValueError(f"{cfg.actor}: tokenizer has {tok.vocab_size} tokens but the model only {V}")
+        check_tokenizer_fits(tok, actor.config.vocab_size, cfg.actor)
         rm = None
         if score_fn is None:
             rm_tok = Path(cfg.reward_model) / "tokenizer.json"

@@ -63,6 +63,7 @@ from model import (
     ModelConfig,
     Tokenizer,
     autocast_ctx,
+    check_tokenizer_fits,
     cleanup_distributed,
     cosine_lr,
     flops_per_token,
@@ -131,7 +132,7 @@ class Config:
     beta2: float = 0.95  # AdamW beta2 (LLM-pretraining value: faster adaptation than 0.999)
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
     # logging, evaluation, checkpoints
-    log_interval: int = 25  # steps between log lines
+    log_interval: int = 25  # steps between log lines; 0 = only at the end (as for the other intervals)
     eval_interval: int = 120  # steps between held-out loss evaluations (and at the end)
     eval_batches: int = 4  # micro-batches of held-out data per evaluation
     sample_interval: int = 0  # steps between printed sample generations; 0 = only at the end
@@ -140,7 +141,7 @@ class Config:
         0  # stop after this step as if interrupted (to test --resume); 0 = run to max_steps
     )
     probe: str = (
-        "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, "" = off
+        "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, none = off
     )
     probe_prompts: int = (
         100  # held-out red-team prompts (and as many general ones) sampled by the probe
@@ -159,6 +160,11 @@ class Config:
 def fail(msg: str) -> None:
     """Input problems end the run with one clear line and a non-zero exit, before any output is written."""
     raise SystemExit(f"pretrain.py: error: {msg}")
+
+
+def due(step: int, interval: int) -> bool:
+    """Periodic work (log, eval, save, sample) at every `interval` steps; 0 = never (the last step still runs)."""
+    return interval > 0 and step % interval == 0
 
 
 def data_files(path: str) -> list[Path]:
@@ -319,7 +325,7 @@ def is_toxic(text: str, lexicon: list[str]) -> bool:
 
 
 def find_toy_world(cfg: Config) -> Path | None:
-    if cfg.probe == "":
+    if cfg.probe in ("", "none"):
         return None
     if cfg.probe != "auto":
         return Path(cfg.probe)
@@ -467,6 +473,9 @@ def main(argv: list[str] | None = None) -> None:
             max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         )
     out = Path(cfg.out)
+    for name in ("log_interval", "eval_interval", "sample_interval", "save_interval"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} {getattr(cfg, name)}: must be >= 0 (0 = only at the end)")
     if cfg.sft and not cfg.init and not cfg.resume:
         fail("--sft needs --init DIR (the base model to fine-tune)")
 
@@ -548,11 +557,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     if cfg.init:
         model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
-        if model.config.vocab_size < tok.vocab_size:
-            fail(
-                f"--init {cfg.init}: tokenizer has {tok.vocab_size} tokens but the model only "
-                f"{model.config.vocab_size}"
-            )
+        try:
+            check_tokenizer_fits(tok, model.config.vocab_size, f"--init {cfg.init}")
+        except ValueError as e:
+            fail(str(e))
     else:
         mcfg = ModelConfig(
             vocab_size=tok.vocab_size,
@@ -701,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
         train_loss = step_loss.item() / denom
 
         last_step = step == cfg.max_steps or step == cfg.stop_after
-        if step % cfg.log_interval == 0 or last_step:
+        if due(step, cfg.log_interval) or last_step:
             dt = time.time() - t_log
             tps = tok_since * W / max(dt, 1e-9)
             mfu = tps * fpt / peak if peak else float("nan")
@@ -726,7 +734,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"ETA {eta:.0f}s"
                 )
             t_log, tok_since = time.time(), 0
-        if step % cfg.eval_interval == 0 or last_step:
+        if due(step, cfg.eval_interval) or last_step:
             t_eval = time.time()
             val_loss = evaluate()
             if dist.is_main:
@@ -735,10 +743,10 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 logger.log({"step": step, "val_loss": val_loss, "elapsed_s": time.time() - t_start})
             t_log += time.time() - t_eval  # evaluation time is not training throughput
-        if cfg.sample_interval and step % cfg.sample_interval == 0 and dist.is_main:
+        if due(step, cfg.sample_interval) and dist.is_main:
             print_samples(raw_model, tok, world, device, dtype)
             model.train()
-        if (step % cfg.save_interval == 0 or last_step) and dist.is_main:
+        if (due(step, cfg.save_interval) or last_step) and dist.is_main:
             state = {
                 "step": step,
                 "optimizer": opt.state_dict(),

@@ -67,6 +67,7 @@ from model import (
     ModelConfig,
     Tokenizer,
     autocast_ctx,
+    check_tokenizer_fits,
     cleanup_distributed,
     cosine_lr,
     count_params,
@@ -117,7 +118,7 @@ class Config:
     norm_pairs: int = 512  # training pairs whose 2 responses give reward_mean/std (0 = all) (detail 9)
     eval_every: int = 100  # optimizer steps between test evaluations (0 = only at the end)
     eval_batch_size: int = 64  # pairs per forward when evaluating / scoring
-    log_every: int = 10  # optimizer steps between log lines
+    log_every: int = 10  # optimizer steps between log lines (0 = only at the end)
     save_every: int = 0  # optimizer steps between resume checkpoints (0 = only when stopping early)
     max_steps: int = -1  # stop after this many steps, resumable (the LR schedule still spans the full run)
     resume: str = ""  # run folder (or its ckpt/) to continue; must use the same data and hyperparameters
@@ -423,12 +424,11 @@ class RewardModel(nn.Module):
     def score_ids(self, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
         """Raw rewards of already tokenized sequences (BOS ... EOS), scored in length-sorted batches."""
         dev = self.score.weight.device
-        pad = pad_id if pad_id < self.config.vocab_size else 0  # the mask hides pads; any valid id works
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # less padding per batch
         out = torch.empty(len(seqs), dtype=torch.float32, device=dev)
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            ids, mask = pad_batch([seqs[i] for i in idx], pad, side="right")
+            ids, mask = pad_batch([seqs[i] for i in idx], pad_id, side="right")
             out[torch.tensor(idx, device=dev)] = self(ids.to(dev), mask.to(dev))
         return out
 
@@ -463,7 +463,6 @@ class RewardModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> None:
         cfg = self.config.to_dict()
-        cfg["torch_dtype"] = str(self.score.weight.dtype).removeprefix("torch.")
         if tokenizer is not None and cfg.get("pad_token_id") is None:
             cfg["pad_token_id"] = tokenizer.pad_id  # transformers finds the last token from it
         save_safetensors_dir(path, self.state_dict(), cfg)
@@ -638,9 +637,10 @@ def main(argv: list[str] | None = None) -> dict:
           RewardModel.from_pretrained(cfg.init) if is_reward_model_dir(cfg.init) else
           RewardModel.from_causal_lm(cfg.init))
     rm.config.pad_token_id = tok.pad_id
-    if tok.pad_id >= rm.config.vocab_size or tok.eos_id >= rm.config.vocab_size:
-        raise SystemExit(f"error: tokenizer ids (pad {tok.pad_id}, eos {tok.eos_id}) exceed the model vocab "
-                         f"{rm.config.vocab_size}")
+    try:
+        check_tokenizer_fits(tok, rm.config.vocab_size, cfg.init)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     rm.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast does bf16/fp16 matmuls
     decay = [p for p in rm.parameters() if p.dim() >= 2]
     no_decay = [p for p in rm.parameters() if p.dim() < 2]  # norms
@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
         step += 1
 
         # -- logging: statistics reduced over ranks -------------------------------------------------------------
-        if step % cfg.log_every == 0 or step == stop_at:
+        if (cfg.log_every and step % cfg.log_every == 0) or step == stop_at:
             if ddp:
                 import torch.distributed as dist
                 reduced = sums.to(device)  # nccl reduces CUDA tensors only; gloo takes CPU ones

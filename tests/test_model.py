@@ -363,7 +363,7 @@ def test_missing_key_and_wrong_shape_fail_naming_key_and_shapes(tmp_path):
 
 
 def test_matches_transformers_mistral_both_ways(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     m = tiny_model(sliding_window=6)
     m.save_pretrained(tmp_path / "ours")
     hf = transformers.MistralForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
@@ -386,8 +386,8 @@ CORPUS = ["The river Alder flows north past the town of Brill.", "Human: what is
 
 def test_tokenizer_round_trip_including_unseen_bytes_and_emoji(tmp_path):
     tok = M.train_tokenizer(CORPUS, vocab_size=420)
-    for text in ["The river flows.", "Zebra Quixotic", "emoji 🦓 and ✓ and 漢字", "two  spaces\nnewline\t", "\n\nHuman: hi"]:
-        # (text that *starts* with a space loses one space: Metaspace's dummy prefix, as in Mistral's own)
+    for text in ["The river flows.", "Zebra Quixotic", "emoji 🦓 and ✓ and 漢字", "two  spaces\nnewline\t",
+                 "\n\nHuman: hi", " Hello", "  two leading", ""]:
         ids = tok.encode(text)
         assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
         assert tok.decode(ids) == text
@@ -403,23 +403,29 @@ def test_tokenizer_round_trip_including_unseen_bytes_and_emoji(tmp_path):
     assert cfg["pad_token"] == "<pad>" and cfg["add_bos_token"] is True
 
 
-def test_tokenizer_loads_in_transformers_when_installed(tmp_path):
-    transformers = pytest.importorskip("transformers")
+def test_tokenizer_loads_in_transformers_with_identical_ids(tmp_path):
+    import transformers
     tok = M.train_tokenizer(CORPUS, vocab_size=420)
     tok.save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    assert hf("The river")["input_ids"] == tok.encode("The river")
+    for text in ["The river", " Hello", "emoji 🦓", ""]:
+        assert hf(text)["input_ids"] == tok.encode(text)
+    assert hf.pad_token_id == tok.pad_id and len(hf) == tok.vocab_size
 
 
-def test_tokenizer_adds_pad_distinct_from_eos_when_missing(tmp_path):
+def test_tokenizer_without_pad_pads_with_unk_and_adds_no_token(tmp_path):
     from tokenizers import Tokenizer as TK
     tok = M.train_tokenizer(CORPUS, vocab_size=400)
     spec = json.loads(tok.tk.to_str())
     spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] != "<pad>"]
     raw = TK.from_str(json.dumps(spec))
-    assert raw.token_to_id("<pad>") is None
+    n = raw.get_vocab_size(with_added_tokens=True)
     wrapped = M.Tokenizer(raw)
-    assert wrapped.pad_id is not None and wrapped.pad_id != wrapped.eos_id
+    assert wrapped.pad_id == wrapped.unk_id == 0 and wrapped.vocab_size == n  # inside the vocab, nothing added
+    wrapped.save(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["pad_token"] == "<unk>"
+    with pytest.raises(ValueError, match="400 tokens but the model only 399"):
+        M.check_tokenizer_fits(tok, 399, "ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,6 +460,23 @@ def test_parse_config_flags_use_field_names():
 
     c = M.parse_config(C, ["--kl_coef", "0.2", "--no-use_thing", "--window", "8"])
     assert (c.kl_coef, c.use_thing, c.name, c.window) == (0.2, False, "x", 8)
+    c = M.parse_config(C, "--name none --window none".split())
+    assert (c.name, c.window) == ("none", None)  # "none" is None only for an optional number
+    with pytest.raises(SystemExit):
+        M.parse_config(C, "--kl_coef none".split())
+
+
+def test_parse_config_list_fields_accumulate_and_replace_the_default():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class C:
+        model: list[str] = field(default_factory=lambda: ["base=x"])
+        weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+
+    assert M.parse_config(C, []) == C()
+    c = M.parse_config(C, "--model a=1 --weights 1 --model b=2 c=3".split())
+    assert c.model == ["a=1", "b=2", "c=3"] and c.weights == [1.0]
 
 
 def test_checkpoint_write_is_atomic_on_failure(tmp_path, monkeypatch):
