@@ -2,10 +2,10 @@
 
 `mistral-common` ships Mistral's SentencePiece files (`tokenizer.model.v1`: the 32,000-token Mistral-7B-v0.1
 vocabulary; `...model.v3`: 32,768 tokens). HF checkpoint folders carry the same vocabulary as `tokenizer.json`;
-`tokenizer_json_from_sentencepiece` builds that file from the `.model` the way it is laid out on the
-Hub (Prepend + Replace normalizer, no pre-tokenizer, byte-fallback BPE, BOS template, Strip decoder). The
-tests compare it with sentencepiece itself, not with a converter. transformers, sentencepiece and mistral-common are test-only
-dependencies (requirements-dev.txt); no script imports them.
+`tokenizer_json_from_sentencepiece` builds that file from the `.model` the way it is laid out on the Hub
+(Prepend + Replace normalizer, no pre-tokenizer, byte-fallback BPE, BOS template, Strip decoder). The tests
+compare it with sentencepiece itself, not with a converter. transformers, sentencepiece and mistral-common are
+test-only dependencies (requirements-dev.txt); no script imports them.
 """
 
 from __future__ import annotations
