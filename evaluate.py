@@ -49,6 +49,10 @@ shared/reference/evaluation.md):
     no timestamps in results.json (timings go to timings.json). torchrun deals whole batches round-robin to
     ranks, so every batch is padded exactly as in a one-process run and scores are identical.
 13. Standard errors: sample std / sqrt(n) of the per-item scores (lm-eval's analytic stderr for means).
+14. Deviations: results.json lists per task where the scored text or setting differs from the reference of
+    its mode (ll: lm-eval's stock task; gen: GPT-Fathom's setting): the registry's known differences, the
+    run's overrides (--shots, --limit, --template, ...) and what the run counted (items that lost exemplars to
+    the window, prompts left-truncated, exemplar pools smaller than k, max_new_tokens capped); [] = none known.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -75,15 +80,16 @@ from typing import Any
 
 import torch
 
+from common import InputError, check_output_path, cli, output_dir, read_jsonl, read_text, text_lines
 from model import (
     MistralForCausalLM,
     Tokenizer,
     autocast_ctx,
+    check_tokenizer_fits,
     cleanup_distributed,
     init_distributed,
     pad_batch,
     parse_config,
-    read_jsonl as model_read_jsonl,
     resolve_device_dtype,
     write_json_atomic,
 )
@@ -94,14 +100,14 @@ from model import (
 
 @dataclass
 class EvalConfig:
-    model: list = field(default_factory=list)  # name=DIR, repeatable; default base=out/pretrain/final
+    model: list[str] = field(default_factory=list)  # name=DIR, repeatable; default base=out/pretrain/final
     tasks: str = "toy"  # a group (toy, fathom, mistral_plus, ice_grt) or comma-separated task names
     toy_dir: str = "data/toy"  # root of the toy world (toy_* tasks); build it with data/toyworld.py
     data_dir: str = "data/benchmarks"  # root of the real benchmarks' files in their public layouts
     out: str = "out/evaluate"  # results.json, results.md, samples/, timings.json
     limit: int = 0  # >0: first N test items per task (deterministic); 0 = the task's own size
     shots: int = -1  # >=0 overrides every task's number of exemplars (GPT-Fathom's shot ablation)
-    fewshot_seeds: list = field(default_factory=list)  # empty: first-k exemplars; else one sampled set per seed
+    fewshot_seeds: list[int] = field(default_factory=list)  # empty: first-k exemplars; else one sampled set per seed
     template: str = "default"  # prompt template variant: default | swap (Q:/A: <-> Question:/Answer:)
     mc_mode: str = "ll"  # multiple choice scored by ll (log-likelihood), gen (black-box) or both
     batch_size: int = 32  # requests per forward (log-likelihood) / prompts per batch (generation)
@@ -123,11 +129,10 @@ class EvalConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default (1 helps on an oversubscribed machine)
 
     def __post_init__(self) -> None:
-        self.fewshot_seeds = [int(s) for s in self.fewshot_seeds]
         if self.mc_mode not in ("ll", "gen", "both"):
-            raise SystemExit(f"--mc_mode must be ll|gen|both, got {self.mc_mode!r}")
+            raise InputError(f"--mc_mode {self.mc_mode}: must be ll|gen|both")
         if self.template not in TEMPLATES:
-            raise SystemExit(f"--template must be one of {sorted(TEMPLATES)}, got {self.template!r}")
+            raise InputError(f"--template {self.template}: must be one of {sorted(TEMPLATES)}")
 
 
 CATEGORIES = ["Knowledge", "Reasoning", "Comprehension", "Math", "Coding", "Multilingual", "Safety"]
@@ -316,15 +321,11 @@ def is_toxic(text: str, pattern: re.Pattern | None) -> bool:
 # Data: readers for the public layouts (ref e). Every loader returns docs {id, subset, ...}.
 
 
-class DataError(ValueError):
-    """A malformed data file; the message names file, line and field."""
+DataError = InputError  # a malformed data file; the message names file, line and field
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    try:
-        return model_read_jsonl(path)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+class MissingTaskFile(InputError):
+    """A benchmark file is not where the registry expects it (--skip_missing reports the task as skipped)."""
 
 
 def read_json_rows(path: Path) -> list[tuple[int, dict]]:
@@ -332,7 +333,7 @@ def read_json_rows(path: Path) -> list[tuple[int, dict]]:
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if isinstance(data, dict) and "examples" in data:  # BBH: {"canary": ..., "examples": [...]}
@@ -381,15 +382,16 @@ def load_mmlu_csv(path: Path) -> list[dict]:
     """MMLU original release: data/{test,dev}/<subject>_{test,dev}.csv, no header, question,A,B,C,D,answer."""
     docs = []
     for f in files_in(path, "*.csv"):
-        with open(f, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            for row in reader:
-                where = f"{f}:{reader.line_num}"
-                if len(row) != 6:
-                    raise DataError(f"{where}: expected 6 columns (question,A,B,C,D,answer), got {len(row)}")
-                docs.append({"id": f"{_subset_name(f)}-{len(docs)}", "subset": _subset_name(f),
-                             "question": row[0], "choices": row[1:5],
-                             "gold": _letter_gold(row[5], 4, where, "answer (column 6)")})
+        reader = csv.reader(io.StringIO(read_text(f)))  # BOM, CRLF, .gz handled; quoted newlines kept
+        for row in reader:
+            where = f"{f}:{reader.line_num}"
+            if not any(c.strip() for c in row):  # a blank line (many files end with one)
+                continue
+            if len(row) != 6:
+                raise DataError(f"{where}: expected 6 columns (question,A,B,C,D,answer), got {len(row)}")
+            docs.append({"id": f"{_subset_name(f)}-{len(docs)}", "subset": _subset_name(f),
+                         "question": row[0], "choices": row[1:5],
+                         "gold": _letter_gold(row[5], 4, where, "answer (column 6)")})
     return docs
 
 
@@ -397,14 +399,13 @@ def load_ceval_csv(path: Path) -> list[dict]:
     """C-Eval: <subject>_{val,dev}.csv with a header id,question,A,B,C,D,answer[,explanation]."""
     docs = []
     for f in files_in(path, "*.csv"):
-        with open(f, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            for row in reader:
-                where = f"{f}:{reader.line_num}"
-                q = get(row, "question", where, str)
-                choices = [get(row, k, where, str) for k in "ABCD"]
-                docs.append({"id": f"{_subset_name(f)}-{row.get('id', len(docs))}", "subset": _subset_name(f),
-                             "question": q, "choices": choices, "gold": _letter_gold(row.get("answer"), 4, where)})
+        reader = csv.DictReader(io.StringIO(read_text(f)))  # DictReader skips blank lines itself
+        for row in reader:
+            where = f"{f}:{reader.line_num}"
+            q = get(row, "question", where, str)
+            choices = [get(row, k, where, str) for k in "ABCD"]
+            docs.append({"id": f"{_subset_name(f)}-{row.get('id', len(docs))}", "subset": _subset_name(f),
+                         "question": q, "choices": choices, "gold": _letter_gold(row.get("answer"), 4, where)})
     return docs
 
 
@@ -425,29 +426,32 @@ def load_arc(path: Path) -> list[dict]:
 
 
 def _hellaswag_preprocess(text: str) -> str:
-    """lm-eval's cleanup of WikiHow artefacts."""
+    """lm-eval's cleanup of WikiHow artefacts (lm-evaluation-harness lm_eval/tasks/hellaswag/utils.py)."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
 
 
 def load_hellaswag(path: Path) -> list[dict]:
-    """HF Rowan/hellaswag: activity_label, ctx_a, ctx_b, endings (4), label (a string)."""
+    """HF Rowan/hellaswag: activity_label, ctx_a, ctx_b, endings (4), label (a string "0".."3").
+
+    Query, choices and gold are lm-eval's process_docs (lm_eval/tasks/hellaswag/utils.py), character for
+    character: ctx_b goes through str.capitalize(), which also lower-cases the rest of ctx_b ("Pours WATER"
+    -> "pours water"); keeping ctx_b's case would score different text from every published lm-eval number."""
     docs = []
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
-        ctx_b = get(row, "ctx_b", where, str)
-        ctx = get(row, "activity_label", where, str) + ": " + get(row, "ctx_a", where, str) + " " + \
-            ctx_b[:1].upper() + ctx_b[1:]
+        ctx = get(row, "ctx_a", where, str) + " " + get(row, "ctx_b", where, str).capitalize()
         endings = get(row, "endings", where, list)
-        try:
-            gold = int(get(row, "label", where))
-        except (TypeError, ValueError):
-            raise DataError(f"{where}: field 'label' must be an integer string, got {row['label']!r}") from None
-        if not 0 <= gold < len(endings):
-            raise DataError(f"{where}: field 'label' {gold} out of range for {len(endings)} endings")
-        docs.append({"id": str(row.get("ind", i)), "subset": "", "question": _hellaswag_preprocess(ctx),
-                     "choices": [_hellaswag_preprocess(e) for e in endings], "gold": gold})
+        if len(endings) != 4 or not all(isinstance(e, str) for e in endings):  # chance is 1/4 on every item
+            raise DataError(f"{where}: field 'endings' must be a list of 4 strings, got {len(endings)} items")
+        label = get(row, "label", where)
+        if isinstance(label, bool) or str(label) not in ("0", "1", "2", "3"):  # HF's test split has label ""
+            raise DataError(f"{where}: field 'label' must be '0', '1', '2' or '3', got {label!r} "
+                            "(the test split is unlabelled: score the validation split)")
+        docs.append({"id": str(row.get("ind", i)), "subset": "",
+                     "question": _hellaswag_preprocess(get(row, "activity_label", where, str) + ": " + ctx),
+                     "choices": [_hellaswag_preprocess(e) for e in endings], "gold": int(label)})
     return docs
 
 
@@ -577,7 +581,9 @@ def _read_json_object(f: Path) -> dict:
 
 
 def load_humaneval(path: Path) -> list[dict]:
-    """openai/human-eval HumanEval.jsonl: task_id, prompt, canonical_solution, test, entry_point."""
+    """openai/human-eval data/HumanEval.jsonl.gz, the file as distributed (read_jsonl opens .gz; the registry
+    expects that name): task_id, prompt, canonical_solution, test, entry_point. The program run is human-eval's
+    check_program: prompt + completion + test + check(entry_point) (code_program)."""
     docs = []
     for i, row in read_jsonl(path):
         where = f"{path}:{i}"
@@ -756,7 +762,10 @@ class TaskSpec:
     lower_is_better: bool = False
     temperature: float = 0.0  # toxicity tasks: 0 = greedy (GPT-Fathom); >0 samples with --seed per batch
     version: str = "1"  # bump when the template or extraction of this task changes
-    note: str = ""  # deviations from GPT-Fathom, known issues
+    note: str = ""  # remarks on the data or the metric that are not deviations
+    # where the scored text or setting differs from the reference of a mode (detail 14): "ll: ..." from
+    # lm-eval's stock task, "gen: ..." from GPT-Fathom's setting, unprefixed from both
+    deviations: tuple = ()
 
     @property
     def mc(self) -> bool:
@@ -767,6 +776,10 @@ _MC_INSTR = "The following are multiple choice questions (with answers) about {s
 _QA_INSTR = "Please answer the question:"
 _FOLLOW = "Follow the given examples and answer the question."
 _RC_INSTR = "The following are questions (with answers) about reading comprehension."
+_LL_ARC = ("ll: GPT-Fathom's instruction line and exemplars before lm-eval's 'Question: ... Answer:' (lm-eval's "
+           "arc_easy/arc_challenge: no description, 0-shot by default)")
+_LL_RACE = ("ll: every question scored after 'Passage:' (lm-eval's race: the last question of an article only, "
+            "after 'Article:' and its other questions with answers)")
 AGIEVAL_EN = ("lsat-ar", "lsat-lr", "lsat-rc", "logiqa-en", "sat-math", "sat-en", "sat-en-without-passage",
               "aqua-rat")
 AGIEVAL_ZH = ("logiqa-zh", "jec-qa-kd", "jec-qa-ca", "gaokao-chinese", "gaokao-english", "gaokao-geography",
@@ -785,80 +798,93 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              instruction=_FOLLOW, stop=("\n",), max_new_tokens=50, primary="fuzzy_acc"),
     TaskSpec("mmlu", "Knowledge", "mmlu_csv", "mmlu/test", "mc", 5, "mmlu/dev", instruction=_MC_INSTR,
              ll_target="letter", max_new_tokens=10, extract="R-MC letter",
-             note="micro (all items) is the headline; macro over subjects also reported"),
+             note="micro (all items) is the headline; macro over subjects also reported",
+             deviations=("ll: a 'Question:' label before the question (lm-eval's mmlu template has none)",)),
     TaskSpec("mmlu_cloze", "Knowledge", "mmlu_csv", "mmlu/test", "mc", 5, "mmlu/dev", instruction=_MC_INSTR,
              ll_target="text", max_new_tokens=10, extract="R-MC letter",
-             note="cloze form: each option's text is scored after 'Answer:' (lm-eval's mmlu_continuation), not "
-                  "GPT-Fathom's letter setting; for models too small to map options to letters in context"),
+             note="the cloze form is for models too small to map options to letters in context",
+             deviations=("ll: cloze form (lm-eval's mmlu_continuation), not GPT-Fathom's letter setting",
+                         ("ll: the instruction says 'multiple choice questions' (mmlu_continuation's description: "
+                          "'The following are questions (with answers) about <subject>.')"))),
     TaskSpec("agieval_en", "Knowledge", "agieval", "agieval", "mc", 3, "agieval/few_shot",
              loader_args=(("subsets", AGIEVAL_EN),), instruction=_MC_INSTR.format(subject="{subject}"),
              ll_target="letter", max_new_tokens=50,
-             note="exemplars from agieval/few_shot/<subset>.jsonl (same layout); the official "
-                  "few_shot_prompts.csv is not parsed; cloze subsets (math) are not included"),
+             deviations=("exemplars from agieval/few_shot/<subset>.jsonl, not the official few_shot_prompts.csv",
+                         "cloze subsets (math) are not included")),
     TaskSpec("arc_easy", "Knowledge", "arc", "arc_easy/test.jsonl", "mc", 1, "arc_easy/train.jsonl",
              instruction="The following are multiple choice questions (with answers) about commonsense "
-                         "reasoning.", max_new_tokens=10, primary="acc_norm"),
+                         "reasoning.", max_new_tokens=10, primary="acc_norm", deviations=(_LL_ARC,)),
     TaskSpec("arc_challenge", "Knowledge", "arc", "arc_challenge/test.jsonl", "mc", 1,
              "arc_challenge/train.jsonl", instruction="The following are multiple choice questions (with "
                                                       "answers) about commonsense reasoning.",
-             max_new_tokens=10, primary="acc_norm"),
+             max_new_tokens=10, primary="acc_norm", deviations=(_LL_ARC,)),
     # Reasoning
     TaskSpec("lambada", "Reasoning", "lambada", "lambada/lambada_test.jsonl", "cloze", 1, "head:15",
              instruction="Please answer with the word which is most likely to follow:", stop=("\n",),
              max_new_tokens=15, extract="first alphabetic word",
-             note="ll mode is lm-eval's lambada_openai (raw passage, 0-shot); shots apply to gen mode"),
+             note="shots apply to gen mode",
+             deviations=("ll: lm-eval's lambada_openai (raw passage, 0-shot), not GPT-Fathom's setting",)),
     TaskSpec("hellaswag", "Reasoning", "hellaswag", "hellaswag/validation.jsonl", "mc", 1,
              "hellaswag/train.jsonl", instruction="Choose the most plausible continuation for the story.",
-             letter_prompt=True, ll_target="ending", max_new_tokens=10, primary="acc_norm"),
+             letter_prompt=True, ll_target="ending", max_new_tokens=10, primary="acc_norm",
+             deviations=(("ll: GPT-Fathom's instruction line and exemplars before lm-eval's query (lm-eval's "
+                          "hellaswag: no description, 0-shot by default)"),)),
     TaskSpec("winogrande", "Reasoning", "winogrande", "winogrande/dev.jsonl", "mc", 1,
              "winogrande/train_xl.jsonl", instruction="Choose the option that fill in the blank best.",
-             letter_prompt=True, ll_target="partial", max_new_tokens=10),
+             letter_prompt=True, ll_target="partial", max_new_tokens=10,
+             deviations=(("ll: GPT-Fathom's instruction line and exemplars before lm-eval's partial context "
+                          "(lm-eval's winogrande: no description, 0-shot by default)"),)),
     TaskSpec("bbh", "Reasoning", "bbh", "bbh/bbh", "bbh", 3, "bbh/cot-prompts", fewshot_loader="bbh_prompts",
              cot=True, max_new_tokens=400, stop=("\n\nQ:",), primary="em",
              extract="after 'So the answer is'", note="macro over the 27 tasks; micro also reported"),
     # Comprehension
     TaskSpec("race_m", "Comprehension", "race", "race/middle/test.jsonl", "mc", 1, "race/middle/train.jsonl",
              instruction=_RC_INSTR, max_new_tokens=10, primary="acc_norm",
-             note="exemplars from train (GPT-Fathom took the first 10 test items, a leak)"),
+             deviations=("exemplars from train (GPT-Fathom took the first 10 test items, a leak)", _LL_RACE)),
     TaskSpec("race_h", "Comprehension", "race", "race/high/test.jsonl", "mc", 1, "race/high/train.jsonl",
-             instruction=_RC_INSTR, max_new_tokens=10, primary="acc_norm"),
+             instruction=_RC_INSTR, max_new_tokens=10, primary="acc_norm", deviations=(_LL_RACE,)),
     TaskSpec("drop", "Comprehension", "drop", "drop/validation.jsonl", "rc", 3, "drop/train.jsonl",
-             instruction=_RC_INSTR, stop=("\n",), max_new_tokens=30, primary="f1"),
+             instruction=_RC_INSTR, stop=("\n",), max_new_tokens=30, primary="f1",
+             deviations=("f1 is SQuAD's bag-of-tokens F1, not DROP's numeric-aware F1",)),
     # Math
     TaskSpec("gsm8k", "Math", "gsm8k", "gsm8k/test.jsonl", "math", 8, "gsm8k/train.jsonl", cot=True,
              instruction=_FOLLOW, max_new_tokens=256, stop=("\n\n", "\nQ:"), primary="acc_strict",
-             note="exemplars: first 8 train items with <<calc>> notes removed (GPT-Fathom: Wei et al.'s 8)"),
+             deviations=("exemplars: the first 8 train items, <<calc>> notes removed (GPT-Fathom: Wei et al.'s 8)",)),
     TaskSpec("math", "Math", "math", "math/test", "math", 4, "math/train", cot=True, instruction=_FOLLOW,
              max_new_tokens=512, stop=("\n\nQ:",), extract="last \\boxed{}",
-             note="exemplars: first 4 train problems (GPT-Fathom: Minerva's 4); a subset of is_equiv"),
+             deviations=("exemplars: the first 4 train problems (GPT-Fathom: Minerva's 4)",
+                         "answers compared by a subset of Hendrycks' is_equiv normalisation")),
     # Coding
-    TaskSpec("humaneval", "Coding", "humaneval", "humaneval/HumanEval.jsonl", "code", 0, max_new_tokens=512,
+    TaskSpec("humaneval", "Coding", "humaneval", "humaneval/HumanEval.jsonl.gz", "code", 0, max_new_tokens=512,
              stop=_CODE_STOPS, instruction="Complete the code:", primary="pass@1"),
     TaskSpec("mbpp", "Coding", "mbpp", "mbpp/sanitized-mbpp.json", "code", 3, "mbpp/sanitized-mbpp.json",
              max_new_tokens=512, stop=("[DONE]",), primary="pass@1",
-             note="test = task_id 11-510, exemplars = task_id 2-4 (Austin et al.)"),
+             note="test = task_id 11-510, exemplars = task_id 2-4 (Austin et al.)",
+             deviations=("every assert of an item is run (GPT-Fathom runs only the first)",)),
     # Multilingual
     TaskSpec("mgsm", "Multilingual", "mgsm_tsv", "mgsm", "math", 8, "mgsm/train",
              fewshot_loader="mgsm_exemplars", cot=True, instruction=_FOLLOW, max_new_tokens=256,
              stop=("\n\n", "\nQ:"), primary="acc_flexible",
-             note="paper figure says 8-shot, GPT-Fathom's registry 6 (ref a)"),
+             deviations=("8-shot as GPT-Fathom's paper figure says; its registry has 6",)),
     TaskSpec("tydiqa", "Multilingual", "tydiqa", "tydiqa/validation.jsonl", "qa", 1, "tydiqa/train.jsonl",
              instruction=_FOLLOW, stop=("\n",), max_new_tokens=50, primary="f1",
              note="closed-book (GPT-Fathom's whole-set); whether the paper used GoldP is unverified"),
     TaskSpec("ceval", "Multilingual", "ceval_csv", "ceval/val", "mc", 5, "ceval/dev",
              instruction="以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。", ll_target="letter",
-             max_new_tokens=10),
+             max_new_tokens=10, deviations=("ll: 'Question:'/'Answer:' labels (lm-eval's ceval-valid: '答案：')",)),
     TaskSpec("agieval_zh", "Multilingual", "agieval", "agieval", "mc", 3, "agieval/few_shot",
              loader_args=(("subsets", AGIEVAL_ZH),), instruction=_MC_INSTR, ll_target="letter",
-             max_new_tokens=50, note="single-answer subsets only (multi-select jec-qa/physics excluded)"),
+             max_new_tokens=50,
+             deviations=("single-answer subsets only (multi-select jec-qa/physics excluded)",)),
     # Safety
     TaskSpec("truthfulqa_mc1", "Safety", "truthfulqa_mc", "truthfulqa/mc.jsonl", "mc", 1, "head:1",
              instruction="Answer the following multiple choice questions.", letter_prompt=True,
              max_new_tokens=10, shuffle_seed=47,
-             note="options shuffled per item (seeded by item id; GPT-Fathom reuses one permutation)"),
+             deviations=("options shuffled per item (seeded by item id; GPT-Fathom reuses one permutation)",
+                         "ll: instruction + one exemplar, not lm-eval's fixed six-QA 'Q:/A:' preamble")),
     TaskSpec("realtoxicity", "Safety", "rtp", "realtoxicity/prompts.jsonl", "toxicity", 0, max_new_tokens=100,
              stop=(), primary="toxicity_rate", lower_is_better=True,
-             note="word-list classifier, NOT comparable with Perspective-API scores"),
+             deviations=("toxicity by a word-list classifier, NOT comparable with Perspective-API scores",)),
 ]}
 
 
@@ -867,7 +893,7 @@ def _toy(base: str, path: str, fewshot: str = "", **kw) -> TaskSpec:
     return dataclasses.replace(TASKS[base], name=f"toy_{base}", path=path, fewshot=fewshot, root="toy", **kw)
 
 
-# Toy budget (issue 6: <= 2 min on 2 CPU cores for base/SFT/PPO): item caps and generation lengths.
+# Toy budget (<= 2 min on 2 CPU cores for base/SFT/PPO): item caps and generation lengths.
 TOY_TASKS = [
     _toy("mmlu", "eval/mmlu/test", "eval/mmlu/dev", limit=60),
     _toy("mmlu_cloze", "eval/mmlu/test", "eval/mmlu/dev", limit=100),
@@ -911,7 +937,7 @@ def resolve_tasks(spec: str) -> list[TaskSpec]:
         elif part in TASKS:
             names.append(part)
         else:
-            raise SystemExit(f"--tasks: unknown task or group {part!r}; groups: {sorted(GROUPS)}, "
+            raise InputError(f"--tasks: unknown task or group {part!r}; groups: {sorted(GROUPS)}, "
                              f"tasks: {sorted(TASKS)}")
     return [TASKS[n] for n in dict.fromkeys(names)]
 
@@ -927,6 +953,7 @@ class TaskData:
     pool: list[dict]  # exemplar pool
     files: dict[str, str]  # path -> sha256
     skipped: str = ""  # reason when the task is skipped
+    n_before_limit: int = 0  # test items before --limit / the toy cap (a deviation when it cuts)
 
 
 def sha256_path(p: Path) -> str:
@@ -946,7 +973,7 @@ def load_task(spec: TaskSpec, cfg: EvalConfig) -> TaskData:
     if not path.exists():
         hint = ("build the toy world: python data/toyworld.py" if spec.root == "toy" else
                 f"put the {spec.name} files under --data_dir in the layout of evaluate.py's registry")
-        raise FileNotFoundError(f"{path}: missing ({spec.name}); {hint}")
+        raise MissingTaskFile(f"{path}: missing ({spec.name}); {hint}")
     docs = LOADERS[spec.loader](path, **args)
     files = {str(path): sha256_path(path)}
     pool: list[dict] = []
@@ -956,13 +983,14 @@ def load_task(spec: TaskSpec, cfg: EvalConfig) -> TaskData:
     elif spec.fewshot:
         fpath = root / spec.fewshot
         if not fpath.exists():
-            raise FileNotFoundError(f"{fpath}: exemplar file missing ({spec.name})")
+            raise MissingTaskFile(f"{fpath}: exemplar file missing ({spec.name})")
         floader = spec.fewshot_loader or spec.loader
         pool = LOADERS[floader](fpath, **(args if floader == spec.loader else {}))
         files[str(fpath)] = sha256_path(fpath)
     if spec.loader == "mbpp":  # Austin et al. split by task_id: prompts 1-10 (exemplars 2-4), test 11-510
         docs = [d for d in docs if 11 <= d["task_id"] <= 510]
         pool = [d for d in pool if 2 <= d["task_id"] <= 4]
+    n_before_limit = len(docs)
     limit = cfg.limit or spec.limit
     if limit:
         docs = docs[:limit]
@@ -971,7 +999,7 @@ def load_task(spec: TaskSpec, cfg: EvalConfig) -> TaskData:
     if spec.shuffle_seed >= 0:  # fixed per-item permutation (the gold of TruthfulQA mc1 is always first)
         docs = [_shuffled(d, spec.shuffle_seed) for d in docs]
         pool = [_shuffled(d, spec.shuffle_seed) for d in pool]
-    return TaskData(spec, docs, pool, files)
+    return TaskData(spec, docs, pool, files, n_before_limit=n_before_limit)
 
 
 def _shuffled(doc: dict, seed: int) -> dict:
@@ -1064,6 +1092,15 @@ def exemplars_for(td: TaskData, doc: dict, k: int, fewshot_seed: int | None) -> 
     return pool[:k]
 
 
+def shots_available(td: TaskData, doc: dict, k: int, fewshot_seed: int | None) -> int:
+    """Exemplars the pool can give this doc before the context-window rule (BBH: its prompt file's 3)."""
+    if k <= 0:
+        return 0
+    if td.spec.fmt == "bbh":
+        return 3 if any(p["subset"] == doc["subset"] for p in td.pool) else 0
+    return len(exemplars_for(td, doc, k, fewshot_seed))
+
+
 def build_prompt(td: TaskData, doc: dict, mode: str, k: int, fewshot_seed: int | None, variant: str,
                  fits: Callable[[str], bool] | None = None, choice: int = 0) -> tuple[str, int]:
     """Instruction + exemplars + query, dropping exemplars until it fits (detail 3). -> (prompt, shots used)."""
@@ -1136,17 +1173,7 @@ class LM:
 
     # -- log-likelihood (details 4, 5)
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_space = len(context) - len(context.rstrip(" "))
-        if n_space:  # lm-eval: trailing spaces of the context belong to the continuation
-            context, continuation = context[:-n_space], context[-n_space:] + continuation
-        whole = self.tok.encode(context + continuation, bos=True)
-        ctx = self.tok.encode(context, bos=True)
-        if whole[:len(ctx)] != ctx:  # a merge crossed the boundary: keep the whole-string tokens
-            n = len(ctx)
-            while n > 1 and whole[:n] != ctx[:n]:
-                n -= 1
-            ctx = whole[:n]
-        return whole[:len(ctx)], whole[len(ctx):]
+        return self.tok.encode_pair(context, continuation)  # lm-eval's split of the whole string's tokens
 
     def loglikelihood(self, requests: list[tuple[str, str]], group: bool = True) -> list[tuple[float, bool]]:
         return self.loglikelihood_tokens([self.encode_pair(c, t) for c, t in requests], group)
@@ -1155,8 +1182,11 @@ class LM:
     def loglikelihood_tokens(self, reqs: list[tuple[list[int], list[int]]], group: bool = True,
                              what: str = "loglikelihood") -> list[tuple[float, bool]]:
         """[(context ids, continuation ids)] -> [(sum log p(continuation), continuation is greedy)]."""
+        # left-truncate the context, keep the continuation (lm-eval's rule); counted over all requests on every
+        # rank, so the count is the same under torchrun
+        self.counts["truncated_prompts"] += sum(len(c) + len(t) > self.max_length + 1 for c, t in reqs)
         reqs = [((c + t)[-(self.max_length + 1):-len(t)] if len(c) + len(t) > self.max_length + 1 else c, t)
-                for c, t in reqs]  # left-truncate the context, keep the continuation
+                for c, t in reqs]
         if any(not t for _, t in reqs):
             raise ValueError("empty continuation")
         t0 = time.perf_counter()
@@ -1283,7 +1313,9 @@ class LM:
         if max_new_tokens > self.max_length // 2:  # a short-context model: keep half the window for the prompt
             max_new_tokens = self.max_length // 2
             self.counts["max_new_tokens_capped"] += 1
-        enc = [self.tok.encode(p, bos=True)[-(self.max_length - max_new_tokens):] for p in prompts]
+        enc = [self.tok.encode(p, bos=True) for p in prompts]
+        self.counts["truncated_prompts"] += sum(len(e) > self.max_length - max_new_tokens for e in enc)
+        enc = [e[-(self.max_length - max_new_tokens):] for e in enc]  # left-truncate, as lm-eval does
         order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), enc[i]))
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 
@@ -1380,11 +1412,18 @@ def _limits(timeout: float, memory_mb: int) -> Callable[[], None]:
     return apply
 
 
+def code_program(doc: dict, completion: str) -> str:
+    """The program run for one completion: human-eval's check_program (prompt + completion + test +
+    check(entry_point), the check call is in doc["test"]) for HumanEval; the code + asserts for MBPP."""
+    body = doc["prompt"] + completion if "prompt" in doc else completion
+    return body + "\n\n" + doc["test"]
+
+
 def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024) -> str:
     """Run one program in a fresh interpreter in a temporary directory. -> "passed" | "failed: ..." |
     "timed out". Not a sandbox: the Codex paper used gVisor containers (ref e)."""
     if os.name != "posix":
-        raise SystemExit("--allow_code_execution needs a POSIX system (resource limits via preexec_fn)")
+        raise InputError("--allow_code_execution needs a POSIX system (resource limits via preexec_fn)")
     with tempfile.TemporaryDirectory(prefix="eval_code_") as d:
         (Path(d) / "program.py").write_text(program)
         proc = subprocess.Popen([sys.executable, "-I", "program.py"], cwd=d, stdin=subprocess.DEVNULL,
@@ -1427,7 +1466,16 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
     max_new = min(cfg.max_new_tokens or spec.max_new_tokens, lm.max_length // 2)  # LM.generate caps it too
     samples: list[dict] = []
     metrics: dict[str, Any] = {}
-    reduced = 0
+    # detail 3: items whose exemplars were dropped to fit the window (GPT-Fathom's "OUT OF WINDOW"), and items
+    # whose pool holds fewer than k exemplars; both go to results.json's deviations (detail 14)
+    reduced = short = 0
+    truncated_before = lm.counts["truncated_prompts"]
+
+    def count_shots(doc: dict, used: int) -> None:
+        nonlocal reduced, short
+        avail = shots_available(td, doc, k, fewshot_seed)
+        reduced += used < avail
+        short += avail < k
 
     def fits_gen(p: str) -> bool:
         return len(lm.tok.encode(p, bos=True)) + max_new <= lm.max_length
@@ -1442,7 +1490,8 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
                 if c == 0 or spec.ll_target == "partial":  # only partial scoring varies the context
                     prompt, used = build_prompt(td, doc, "ll", k, fewshot_seed, variant,
                                                 lambda p, b=budget: len(lm.tok.encode(p, bos=True)) <= b, choice=c)
-                    reduced += c == 0 and used < min(k, len(td.pool))
+                    if c == 0:
+                        count_shots(doc, used)
                 reqs.append((prompt, cont))
                 owner.append(n)
         res = lm.loglikelihood(reqs)
@@ -1465,7 +1514,7 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
         prompts = []
         for doc in td.docs:
             p, used = build_prompt(td, doc, "gen", k, fewshot_seed, variant, fits_gen)
-            reduced += used < min(k, len(td.pool))
+            count_shots(doc, used)
             prompts.append(p)
         outs = lm.generate(prompts, max_new, spec.stop)
         accs, unparsed = [], []
@@ -1494,7 +1543,7 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
         prompts = []
         for doc in td.docs:
             p, used = build_prompt(td, doc, "gen", k, fewshot_seed, variant, fits_gen)
-            reduced += used < min(k, len(td.pool)) and spec.fmt != "bbh"
+            count_shots(doc, used)
             prompts.append(p)
         outs = lm.generate(prompts, max_new, spec.stop)
         metrics.update(_score_generations(spec, td.docs, prompts, outs, samples))
@@ -1506,6 +1555,8 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
         raise ValueError(f"{spec.name}: format {spec.fmt!r} has no mode {mode!r}")
     metrics["n"] = len(td.docs)
     metrics["reduced_shots"] = reduced
+    metrics["short_pool"] = short
+    metrics["truncated_prompts"] = lm.counts["truncated_prompts"] - truncated_before
     if spec.mc:
         metrics["chance"] = _r(sum(1 / len(d["choices"]) for d in td.docs) / len(td.docs))
     subsets = sorted({s.get("subset", "") for s in samples} - {""})
@@ -1576,12 +1627,7 @@ def _score_code(lm: LM, td: TaskData, ctx: Context, k: int, fewshot_seed: int | 
     n = max(1, cfg.code_samples)
     outs = lm.generate([p for p in prompts for _ in range(n)], max_new, spec.stop,
                        temperature=cfg.code_temperature, seed=cfg.seed)
-    programs = []
-    for i, doc in enumerate(td.docs):
-        for j in range(n):
-            completion = outs[i * n + j]
-            body = doc["prompt"] + completion if "prompt" in doc else completion
-            programs.append(body + "\n\n" + doc["test"])
+    programs = [code_program(doc, outs[i * n + j]) for i, doc in enumerate(td.docs) for j in range(n)]
     # programs are split across ranks like batches and gathered
     status = lm._map_batches([[i] for i in range(len(programs))],
                              lambda j, b: {b[0]: run_program(programs[b[0]], cfg.code_timeout,
@@ -1648,7 +1694,7 @@ def badword_token_ids(tok: Tokenizer, words: list[str]) -> list[int]:
 def task_settings(td: TaskData, cfg: EvalConfig) -> dict:
     """Everything that determines a task's prompts and scores (aligned settings, ref b)."""
     spec = td.spec
-    d = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("note",)}
+    d = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("note", "deviations")}
     d["shots"] = spec.shots if cfg.shots < 0 else cfg.shots
     d["max_new_tokens"] = cfg.max_new_tokens or spec.max_new_tokens
     d["limit"] = cfg.limit or spec.limit
@@ -1661,6 +1707,52 @@ def task_settings(td: TaskData, cfg: EvalConfig) -> dict:
                      else f"sampling T={cfg.code_temperature} n={cfg.code_samples} seed={cfg.seed}"
                      if spec.fmt == "code" else f"sampling T={spec.temperature} seed={cfg.seed}")
     return d
+
+
+def task_deviations(td: TaskData, cfg: EvalConfig) -> list[str]:
+    """Detail 14: where this run's scored text or setting differs from the reference of each mode it runs
+    (ll: lm-eval's stock task; gen: GPT-Fathom's setting). Measured ones are added by measured_deviations."""
+    spec, modes = td.spec, task_modes(td.spec, cfg)
+    out = [d for d in spec.deviations if d.partition(": ")[0] not in ("ll", "gen") or d.partition(": ")[0] in modes]
+    k = spec.shots if cfg.shots < 0 else cfg.shots
+    if spec.fewshot.startswith("head:"):
+        out.append(f"the first {spec.fewshot[5:]} test items are the exemplar pool and are not scored")
+    if len(td.docs) < td.n_before_limit:
+        out.append(f"scored the first {len(td.docs)} of {td.n_before_limit} test items "
+                   + ("(--limit)" if cfg.limit else "(the task's item cap)"))
+    if k != spec.shots and td.pool and not (spec.fmt == "bbh" and k > 0):  # BBH's prompt file is 3-shot
+        out.append(f"{k}-shot instead of {spec.shots}-shot (--shots)")
+    if cfg.fewshot_seeds and k > 0 and td.pool and spec.fmt != "bbh":
+        out.append(f"exemplars sampled with seeds {list(cfg.fewshot_seeds)}, not the first {k}")
+    if cfg.template != "default" and spec.fmt in ("mc", "qa", "cloze", "math"):
+        out.append(f"template {cfg.template!r}: the Q:/A: and Question:/Answer: labels are swapped")
+    if cfg.max_new_tokens and cfg.max_new_tokens != spec.max_new_tokens and "gen" in modes:
+        out.append(f"gen: max_new_tokens {cfg.max_new_tokens} instead of {spec.max_new_tokens} (--max_new_tokens)")
+    return out
+
+
+def measured_deviations(spec: TaskSpec, cfg: EvalConfig, mode: str, metrics: dict, model: str,
+                        max_length: int) -> list[str]:
+    """Deviations only a run can count: exemplars dropped by the context-window rule (detail 3), prompts
+    left-truncated, an exemplar pool smaller than k, max_new_tokens capped at half the window (detail 7)."""
+    if "skipped" in metrics:
+        return []
+    n, k, out = metrics["n"], spec.shots if cfg.shots < 0 else cfg.shots, []
+    if metrics.get("short_pool"):  # a property of the data, the same for every model
+        out.append(f"{mode}: the exemplar pool holds fewer than {k} exemplars for {metrics['short_pool']} of {n} "
+                   "items")
+    if metrics.get("reduced_shots"):
+        out.append(f"[{model}] {mode}: exemplars dropped to fit the {max_length}-token window on "
+                   f"{metrics['reduced_shots']} of {n} items")
+    if metrics.get("truncated_prompts"):
+        what = "contexts (one per choice)" if spec.mc and mode == "ll" else "prompts"
+        out.append(f"[{model}] {mode}: {metrics['truncated_prompts']} {what} left-truncated to the "
+                   f"{max_length}-token window")
+    want = cfg.max_new_tokens or spec.max_new_tokens
+    if mode == "gen" and want > max_length // 2:
+        out.append(f"[{model}] gen: at most {max_length // 2} new tokens (half the {max_length}-token window), "
+                   f"not {want}")
+    return out
 
 
 def task_modes(spec: TaskSpec, cfg: EvalConfig) -> list[str]:
@@ -1753,6 +1845,15 @@ def markdown_tables(results: dict, tasks: list[TaskData], models: list[str], cfg
     return "\n".join(lines)
 
 
+def markdown_deviations(deviations: dict[str, list[str]]) -> str:
+    """The deviations of results.json as a list under the tables (detail 14)."""
+    lines = [f"- {task}: " + "; ".join(ds) for task, ds in deviations.items() if ds]
+    if not lines:
+        return ""
+    return "\n".join(["", "### Deviations (ll: from lm-eval's stock task; gen: from GPT-Fathom's setting)", "",
+                      *lines, ""])
+
+
 def category_averages(results: dict, tasks: list[TaskData], cfg: EvalConfig) -> dict:
     out: dict[str, dict] = {}
     for name, res in results.items():
@@ -1792,11 +1893,11 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
         if not sep:
             name, path = Path(s).name or s, s
         if not name or not path:
-            raise SystemExit(f"--model expects name=DIR, got {s!r}")
+            raise InputError(f"--model {s}: expects name=DIR")
         out.append((name, path))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise SystemExit(f"--model: duplicate names {names}")
+        raise InputError(f"--model: duplicate names {names}; give each model its own name=")
     return out
 
 
@@ -1814,33 +1915,15 @@ def load_lexicon(cfg: EvalConfig) -> list[str]:
     if cfg.toxic_lexicon:
         p = Path(cfg.toxic_lexicon)
         if not p.is_file():
-            raise SystemExit(f"--toxic_lexicon {p}: file not found (one word or phrase per line)")
-        return [w.strip() for w in p.read_text(encoding="utf-8").splitlines() if w.strip()]
+            raise InputError(f"--toxic_lexicon {p}: file not found (one word or phrase per line)")
+        return [w.strip() for _, w in text_lines(p) if w.strip()]
     card = Path(cfg.toy_dir) / "card.json"
     if card.is_file():
-        return list(json.loads(card.read_text()).get("toxic_lexicon", []))
+        try:
+            return list(json.loads(read_text(card)).get("toxic_lexicon", []))
+        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise InputError(f"{card}: field 'toxic_lexicon': cannot read the toy card ({e})") from None
     return []
-
-
-def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
-    """`--model a=X --model b=Y` -> `--model a=X b=Y` (argparse's nargs="*" keeps only the last)."""
-    vals, rest, i = [], [], 0
-    found = False
-    while i < len(argv):
-        if argv[i] == flag:
-            found = True
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                vals.append(argv[i])
-                i += 1
-        elif argv[i].startswith(flag + "="):
-            found = True
-            vals.append(argv[i].split("=", 1)[1])
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest + ([flag] + vals if found else [])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1855,12 +1938,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     elif dist_info.ddp and device.type == "cpu":  # ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist_info.world_size))
+    check_output_path(cfg.out)  # before any work: a bad --out must not cost a whole evaluation
     models = parse_models(cfg.model)
     for name, path in models:
         if not Path(path).is_dir():
             hint = (" -- build it with: python data/toyworld.py && python pretrain.py"
                     if path == "out/pretrain/final" else "")
-            raise SystemExit(f"--model {name}={path}: checkpoint folder not found{hint}")
+            raise InputError(f"--model {name}={path}: checkpoint folder not found{hint}")
     specs = resolve_tasks(cfg.tasks)
 
     # -- data, loaded once: every model sees the same items and exemplars (aligned settings)
@@ -1868,16 +1952,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     for spec in specs:
         try:
             tasks.append(load_task(spec, cfg))
-        except FileNotFoundError as e:
+        except MissingTaskFile as e:
             if not cfg.skip_missing:
-                raise SystemExit(f"{e} (or pass --skip_missing)") from None
+                raise InputError(f"{e} (or pass --skip_missing)") from None
             tasks.append(TaskData(spec, [], [], {}, skipped=str(e)))
-        except DataError as e:
-            raise SystemExit(str(e)) from None
     lexicon_words = load_lexicon(cfg)
     lexicon = lexicon_regex(lexicon_words)
     if any(t.spec.fmt == "toxicity" and not t.skipped for t in tasks) and lexicon is None:
-        raise SystemExit("toxicity tasks need a word list: --toxic_lexicon FILE (or a toy card.json)")
+        raise InputError("toxicity tasks need a word list: --toxic_lexicon FILE (or a toy card.json)")
     judge = None
     if cfg.judge:
         from reward_model import RewardModel  # lazy: evaluate.py works without reward_model.py
@@ -1888,6 +1970,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     shash = settings_hash(settings)
 
     results: dict[str, dict] = {}
+    deviations = {t.spec.name: task_deviations(t, cfg) for t in live}  # detail 14; measured ones added below
     model_info: dict[str, dict] = {}
     timings: dict[str, dict] = {}
     all_samples: dict[str, dict[str, list]] = {}
@@ -1895,6 +1978,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         t_model = time.perf_counter()
         model = MistralForCausalLM.from_pretrained(path, device=device, dtype=dtype)
         tok = Tokenizer.from_file(path)
+        check_tokenizer_fits(tok, model.config.vocab_size, path)
         if cfg.compile:
             model.model = torch.compile(model.model)  # type: ignore[assignment]
         lm = LM(model, tok, device, dtype, cfg.batch_size, cfg.max_length, dist_info.rank,
@@ -1916,6 +2000,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                     m, samples = score_task(lm, td, ctx, mode, fs)
                     per_seed.append(m)
                 results[name][spec.name][mode] = _combine_seeds(per_seed)
+                deviations[spec.name] = list(dict.fromkeys(deviations[spec.name] + measured_deviations(
+                    spec, cfg, mode, results[name][spec.name][mode], name, lm.max_length)))
                 all_samples[name][f"{spec.name}.{mode}"] = samples
                 timings[name][f"{spec.name}.{mode}"] = round(time.perf_counter() - t0, 3)
                 if main_rank:
@@ -1935,12 +2021,12 @@ def evaluate(cfg: EvalConfig) -> dict:
                   if g in cfg.tasks.split(",")}
     record = {"settings_hash": shash, "tasks_arg": cfg.tasks, "groups_note": group_note, "models": model_info,
               "results": results, "category_macro": category_averages(results, live, cfg),
-              "notes": {t.spec.name: t.spec.note for t in tasks if t.spec.note},
+              "deviations": deviations, "notes": {t.spec.name: t.spec.note for t in tasks if t.spec.note},
               "skipped": {t.spec.name: t.skipped for t in tasks if t.skipped}, "settings": settings}
     if main_rank:
         out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        table = markdown_tables(results, tasks, names, cfg)
+        output_dir(out)
+        table = markdown_tables(results, tasks, names, cfg) + markdown_deviations(deviations)
         header = (f"Settings hash `{shash}` (tasks `{cfg.tasks}`, template `{cfg.template}`, "
                   f"MC mode `{cfg.mc_mode}`). Values are % ± standard error"
                   + (" (± std over few-shot seeds)" if len(cfg.fewshot_seeds) > 1 else "") + ".\n\n")
@@ -1978,10 +2064,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "--model")
     cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
     return evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
-import lzma
 import math
 import os
 import re
@@ -51,6 +49,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import InputError, read_jsonl  # noqa: F401  (read_jsonl: re-exported until the scripts import common)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -125,20 +125,34 @@ class ModelConfig:
         return d
 
 
+def check_architecture(cfg: ModelConfig, path: Any, causal_lm: bool) -> None:
+    """A folder of the wrong kind says what it holds: a reward model where a causal LM is needed, or the reverse."""
+    arch = (cfg.extra.get("architectures") or ["MistralForCausalLM"])[0]
+    if causal_lm and arch.endswith("ForSequenceClassification"):
+        raise InputError(f"{path}: this folder holds a reward model ({arch}); a causal LM (MistralForCausalLM) "
+                         f"is needed here")
+    if not causal_lm and arch.endswith("ForCausalLM"):
+        raise InputError(f"{path}: this folder holds a causal LM ({arch}); a reward model "
+                         f"(MistralForSequenceClassification, as reward_model.py writes) is needed here")
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """Read an HF `config.json` (a folder or the file itself)."""
     p = Path(path)
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no config.json (is this an HF checkpoint folder?)")
+        raise InputError(f"{p}: no config.json (is this an HF checkpoint folder?)")
     try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        d = json.loads(p.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"{p}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(p)
+        raise InputError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{p}:1: expected a JSON object, got {type(d).__name__}")
     try:
         return ModelConfig.from_dict(d)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{p}: {e}") from None
+        raise InputError(f"{p}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -483,6 +497,7 @@ class MistralForCausalLM(nn.Module):
             cfg, sd = load_mistral_native(path)
         else:
             cfg = load_config(path)
+            check_architecture(cfg, path, causal_lm=True)
             sd = load_safetensors_dir(path)
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
         if cfg.tie_word_embeddings and "model.embed_tokens.weight" in sd:  # HF stores the tied matrix once
@@ -540,37 +555,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None)
 # Checkpoint I/O
 
 
-def open_text(path: str | os.PathLike):
-    """A text file, transparently decompressed when it ends in .gz or .xz (HH-RLHF and PKU-SafeRLHF ship so)."""
-    name = str(path)
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, row) for every non-blank line of a JSONL(.gz/.xz) file. Any problem raises ValueError
-    naming the file and line, so each script can turn it into its one-line error."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{p}: file not found")
-    rows = []
-    with open_text(p) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{p}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append((i, row))
-    return rows
-
-
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -587,6 +571,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_checkpoint_dir(path: str | os.PathLike, flag: str) -> None:
+    """Refuse early, saying why, a path that is not a checkpoint folder (missing, no config, only .bin...)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{flag} {p}: no such checkpoint folder")
+    if not is_checkpoint_dir(p):
+        if (p / "params.json").is_file():
+            load_mistral_native(p)  # raises, naming what is missing
+        load_config(p)
+        load_safetensors_dir(p)
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (((p / "config.json").is_file() and (
@@ -600,7 +596,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # truncated or corrupt file: name it
-        raise ValueError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+        raise InputError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
 
 
 def load_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -611,20 +607,24 @@ def load_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: invalid index ({e!r}); expected {{'weight_map': {{name: file}}}}") from None
+            raise InputError(f"{index}: invalid index ({e!r}); expected {{'weight_map': {{name: file}}}}") from None
         sd: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
+            if not (p / shard).is_file():
+                raise InputError(f"{index}: names shard {shard!r}, which is not in {p}; is the download complete?")
             sd.update(_read_safetensors(p / shard))
         missing = set(weight_map) - set(sd)
         if missing:
-            raise ValueError(f"{index}: tensors listed but absent from shards: {sorted(missing)[:5]}")
+            raise InputError(f"{index}: tensors listed but absent from shards: {sorted(missing)[:5]}")
         return sd
     if (p / "model.safetensors").is_file():
         return _read_safetensors(p / "model.safetensors")
     if p.is_file() and p.suffix == ".safetensors":
         return _read_safetensors(p)
-    raise FileNotFoundError(f"{p}: no model.safetensors or model.safetensors.index.json "
-                            f"(only safetensors checkpoints are read; .bin pickles are not loaded)")
+    bins = sorted(f.name for f in p.glob("*.bin")) if p.is_dir() else []
+    raise InputError(f"{p}: no model.safetensors or model.safetensors.index.json"
+                     + (f" (only {bins[0]}: pickled .bin files are never loaded; convert them to safetensors in a "
+                        f"trusted environment)" if bins else " (only safetensors checkpoints are read)"))
 
 
 def save_safetensors_dir(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict,
@@ -681,14 +681,14 @@ def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], sourc
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} (expected shape {tuple(own[missing[0]].shape)})"
+        raise InputError(f"{source}: missing key {missing[0]!r} (expected shape {tuple(own[missing[0]].shape)})"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if unexpected:
-        raise ValueError(f"{source}: unexpected key {unexpected[0]!r} (shape {tuple(sd[unexpected[0]].shape)})"
+        raise InputError(f"{source}: unexpected key {unexpected[0]!r} (shape {tuple(sd[unexpected[0]].shape)})"
                          + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)} in the checkpoint but "
+            raise InputError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)} in the checkpoint but "
                              f"{tuple(v.shape)} in the model built from its config")
     module.load_state_dict(sd, strict=True, assign=True)
 
@@ -767,13 +767,16 @@ def config_from_params(params: dict) -> ModelConfig:
 
 def load_mistral_native(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     p = Path(path)
-    params = json.loads((p / "params.json").read_text())
+    try:
+        params = json.loads((p / "params.json").read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p / 'params.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
     missing = [k for k in ("dim", "n_layers", "hidden_dim", "n_heads", "norm_eps", "vocab_size") if k not in params]
     if missing:
-        raise ValueError(f"{p / 'params.json'}: field {missing[0]!r} missing")
+        raise InputError(f"{p / 'params.json'}: field {missing[0]!r} missing")
     cfg = config_from_params(params)
     if not (p / "consolidated.safetensors").is_file():
-        raise FileNotFoundError(f"{p}: no consolidated.safetensors (pickled consolidated.00.pth is not loaded; "
+        raise InputError(f"{p}: no consolidated.safetensors (pickled consolidated.00.pth is not loaded; "
                                 f"convert it to safetensors in a trusted environment first)")
     return cfg, native_to_hf_state_dict(_read_safetensors(p / "consolidated.safetensors"), cfg)
 
@@ -802,12 +805,12 @@ class Tokenizer:
         self.bos_id = tk.token_to_id("<s>")
         self.eos_id = tk.token_to_id("</s>")
         if self.bos_id is None or self.eos_id is None:
-            raise ValueError("tokenizer has no <s> / </s> tokens")
+            raise InputError("tokenizer has no <s> / </s> tokens")
         self.unk_id = tk.token_to_id("<unk>")
         pad = tk.token_to_id(PAD_TOKEN)
         self.pad_id = pad if pad is not None else (self.unk_id if self.unk_id is not None else 0)
         if self.pad_id == self.eos_id:
-            raise ValueError("tokenizer: the padding id would equal EOS; add a <pad> or <unk> token")
+            raise InputError("tokenizer: the padding id would equal EOS; add a <pad> or <unk> token")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -815,11 +818,14 @@ class Tokenizer:
         p = Path(path)
         p = p / "tokenizer.json" if p.is_dir() else p
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no tokenizer.json")
+            raise InputError(f"{p}: no tokenizer.json (copy the checkpoint's tokenizer.json next to it, "
+                             f"or pass --tokenizer)")
         try:
             return cls(TK.from_file(str(p)))
+        except InputError as e:
+            raise InputError(f"{p}: {e}") from None
         except Exception as e:
-            raise ValueError(f"{p}: cannot load tokenizer ({e})") from None
+            raise InputError(f"{p}: cannot load tokenizer ({e})") from None
 
     @property
     def vocab_size(self) -> int:
@@ -836,6 +842,20 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
         encs = self.tk.encode_batch(texts, add_special_tokens=False)
         return [([self.bos_id] if bos else []) + e.ids + ([self.eos_id] if eos else []) for e in encs]
+
+    def encode_pair(self, context: str, continuation: str, eos: bool = False) -> tuple[list[int], list[int]]:
+        """(BOS + context ids, continuation ids) cut from the tokens of the whole string, as lm-eval does: the
+        continuation encoded alone would start with a dummy-prefix "▁" the joined text never has. Trailing
+        spaces of the context belong to the continuation; a merge across the boundary goes to the context."""
+        n_space = len(context) - len(context.rstrip(" "))
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        whole = self.encode(context + continuation, bos=True, eos=eos)
+        ctx = self.encode(context, bos=True)
+        n = len(ctx)
+        while n > 1 and whole[:n] != ctx[:n]:
+            n -= 1
+        return whole[:n], whole[n:]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -858,7 +878,7 @@ class Tokenizer:
 def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, source: Any) -> None:
     """Every id the tokenizer can emit, the pad id included, must have an embedding row of the model."""
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} "
+        raise InputError(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} "
                          f"embedding rows; use the tokenizer.json saved with this checkpoint")
 
 

