@@ -1,4 +1,7 @@
-"""Script plumbing shared by pretrain.py, reward_model.py, ppo_rlhf.py and evaluate.py (model.py is the model).
+"""Script plumbing shared by pretrain.py, reward_model.py, ppo_rlhf.py and evaluate.py; model.py is the model.
+
+Flags from a config dataclass, input errors, reading and writing real files, torchrun / device / dtype set-up,
+the learning-rate schedule, FLOP counting for honest MFU lines, rank-0 logging and the toy lexicon match.
 
 Input errors, in one mechanism: anything wrong with what the user gave (a flag, a file, a checkpoint) raises
 `InputError` with a message that names the file, line and field (`path:12: field 'chosen': ...; what to do`).
@@ -9,22 +12,84 @@ Each script's entry point is `cli(main)`, the one place that turns it into
 on stderr and exit code 2, with no traceback. Any other exception is a bug of ours and keeps its traceback.
 Output folders are made through `output_dir`; when a run that made one ends in an input error, `cli` removes it
 again, so a refused run leaves nothing half-written (a folder that existed before the run is never removed).
-
 Readers accept what real files contain: .gz / .xz, a UTF-8 BOM, CRLF line ends, blank lines.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gzip
 import json
 import lzma
+import math
 import os
+import re
 import shutil
 import sys
+import tempfile
+import time
+import typing
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: one per config field
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per dataclass field, same name (underscores kept): `--kl_coef 0.1`, `--compile/--no-compile`.
+
+    List fields accumulate: `--model a=X --model b=Y` and `--model a=X b=Y` both give [a=X, b=Y]; given at all,
+    they replace the default. "none" means None only for optional numbers (`--max_steps none`); a text field
+    keeps the text "none"."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        typ = hints[f.name]
+        args = typing.get_args(typ)
+        optional = type(None) in args
+        if optional:
+            typ = next(a for a in args if a is not type(None))
+        if typ is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
+        elif typ is list or typing.get_origin(typ) is list:
+            elem = (typing.get_args(typ) or (str,))[0]
+            # default None, filled in parse_config: argparse's "extend" would otherwise add to the default list
+            parser.add_argument(f"--{f.name}", action="extend", nargs="+", type=elem, default=None,
+                                help=f"(repeatable; default {default})")
+        elif typ in (int, float):
+            parser.add_argument(f"--{f.name}", type=_none_or(typ) if optional else typ, default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=str, default=default)
+
+
+def _none_or(conv):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null") else conv(s)
+    parse.__name__ = conv.__name__  # argparse names the type in its error message
+    return parse
+
+
+def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None):
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(parser, config_cls)
+    values = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(config_cls):
+        if values[f.name] is None and f.default_factory is not dataclasses.MISSING:  # a list not given
+            values[f.name] = f.default_factory()
+    return config_cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input errors and output folders
 
 
 class InputError(ValueError):
@@ -68,6 +133,23 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
         raise SystemExit(2) from None
     finally:
         _made_dirs.clear()
+
+
+def check_settings(cfg: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                   fraction: tuple[str, ...] = ()) -> None:
+    """Settings checked before anything is written: `positive` > 0, `non_negative` >= 0, `fraction` in [0, 1]."""
+    for name in positive:
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise InputError(f"--{name} {v}: must be > 0")
+    for name in non_negative:
+        v = getattr(cfg, name)
+        if v is not None and not v >= 0:
+            raise InputError(f"--{name} {v}: must be >= 0")
+    for name in fraction:
+        v = getattr(cfg, name)
+        if not 0 <= v <= 1:
+            raise InputError(f"--{name} {v}: must be between 0 and 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,6 +222,26 @@ def field_of(row: dict, name: str, where: str, kind: type | tuple[type, ...] = s
     return v
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Writing files: atomic, so a kill at any moment leaves the previous version intact
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
 def load_train_state(path: str | os.PathLike, hint: str = "start the run again") -> dict:
     """Resume state written with torch.save (optimizer, scaler, RNG, step), read with weights_only=True: tensors
     and plain containers only, never arbitrary pickles. A truncated or corrupt file is an input error."""
@@ -154,18 +256,163 @@ def load_train_state(path: str | os.PathLike, hint: str = "start the run again")
                          f"or corrupt: {hint}") from None
 
 
-def check_settings(cfg: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
-                   fraction: tuple[str, ...] = ()) -> None:
-    """Settings checked before anything is written: `positive` > 0, `non_negative` >= 0, `fraction` in [0, 1]."""
-    for name in positive:
-        v = getattr(cfg, name)
-        if v is not None and not v > 0:
-            raise InputError(f"--{name} {v}: must be > 0")
-    for name in non_negative:
-        v = getattr(cfg, name)
-        if v is not None and not v >= 0:
-            raise InputError(f"--{name} {v}: must be >= 0")
-    for name in fraction:
-        v = getattr(cfg, name)
-        if not 0 <= v <= 1:
-            raise InputError(f"--{name} {v}: must be between 0 and 1")
+class JsonlLogger:
+    """Appends one JSON object per line (metrics.jsonl); only the main rank should create one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")
+
+    def log(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun, device and dtype
+
+
+@dataclass
+class DistInfo:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU (so 2-rank DDP runs on a laptop)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 1:
+        return DistInfo(False, 0, 0, 1)
+    import torch.distributed as dist
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(True, rank, local, world)
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto",
+                         local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    """auto = bf16 on GPUs that support it, fp16 (+ GradScaler) on older GPUs, fp32 on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: CUDA is not available on this machine (use --device auto or cpu)")
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype == "auto":
+        if dev.type == "cuda":
+            return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dev, torch.float32
+    if dtype not in names:
+        raise InputError(f"--dtype {dtype}: must be auto|fp32|bf16|fp16")
+    return dev, names[dtype]
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    """Autocast for matmuls in bf16/fp16; norms, RoPE, softmax of losses stay fp32 inside the model."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule, FLOPs, logging
+
+
+def cosine_lr(step: int, warmup: int, total: int, lr: float, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at `total`."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if total <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity) -- for honest MFU figures
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                  "L4": 121e12, "V100": 125e12, "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, val in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
+                        device: str = "cpu") -> float:
+    """This machine's achievable matmul FLOP/s (the ceiling CPU MFU figures are a fraction of)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Parameters counted once even when tied."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def flops_per_token(cfg: Any, seq_len: int, n_params: int | None = None) -> float:
+    """Training FLOPs per token: 6N for the matmuls with parameters (forward 2N, backward 4N) plus
+    12 * L * H * hd * T for attention scores and values (PaLM appendix B / nanoGPT's estimate_mfu).
+    N excludes the input embedding (a lookup, not a matmul) but includes the LM head."""
+    if n_params is None:
+        h, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        per_layer = h * hd * (2 * nh + 2 * nkv) + 3 * h * i + 2 * h
+        n_params = L * per_layer + h + V * h
+    return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+def log(msg: str) -> None:
+    """Print on the main rank only (torchrun's RANK; a plain run is rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stdout, flush=True)
+
+
+def eta(done: int, total: int, elapsed: float) -> str:
+    """The progress line's tail: `ETA 1m23s` from the average rate so far."""
+    if done <= 0:
+        return "ETA ?"
+    left = elapsed / done * max(0, total - done)
+    return f"ETA {int(left // 60)}m{int(left % 60):02d}s" if left >= 60 else f"ETA {left:.0f}s"
+
+
+def toxic_regex(lexicon: list[str]) -> re.Pattern | None:
+    """The toy world's toxicity rule (data/toyworld.py `is_toxic`): whole words or phrases of its lexicon,
+    case-insensitive, longest first; match against `text.lower()`. None for an empty lexicon."""
+    words = sorted({w.strip().lower() for w in lexicon if w.strip()}, key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b") if words else None

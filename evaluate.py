@@ -80,19 +80,23 @@ from typing import Any
 
 import torch
 
-from common import InputError, check_output_path, cli, output_dir, read_jsonl, read_text, text_lines
-from model import (
-    MistralForCausalLM,
-    Tokenizer,
+from common import (
+    InputError,
     autocast_ctx,
-    check_tokenizer_fits,
+    check_output_path,
     cleanup_distributed,
+    cli,
     init_distributed,
-    pad_batch,
+    output_dir,
     parse_config,
+    read_jsonl,
+    read_text,
     resolve_device_dtype,
+    text_lines,
+    toxic_regex,
     write_json_atomic,
 )
+from model import MistralForCausalLM, Tokenizer, check_tokenizer_fits, pad_batch
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -305,12 +309,6 @@ def extract_bbh(text: str) -> str | None:
     """BBH: the text after "So the answer is" (CoT) or "The answer is", stripped of a final period."""
     m = re.search(r"(?:So the answer is|The answer is)\s*(.+)", text)
     return m.group(1).strip().split("\n")[0].rstrip(".").strip() if m else None
-
-
-def lexicon_regex(lexicon: list[str]) -> re.Pattern | None:
-    """Whole words/phrases, case-insensitive (the toy world's is_toxic rule); longest first."""
-    words = sorted({w.strip().lower() for w in lexicon if w.strip()}, key=len, reverse=True)
-    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b") if words else None
 
 
 def is_toxic(text: str, pattern: re.Pattern | None) -> bool:
@@ -1932,7 +1930,6 @@ def load_lexicon(cfg: EvalConfig) -> list[str]:
 
 def evaluate(cfg: EvalConfig) -> dict:
     dist_info = init_distributed(cfg.device)
-    main_rank = dist_info.is_main
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -1957,7 +1954,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 raise InputError(f"{e} (or pass --skip_missing)") from None
             tasks.append(TaskData(spec, [], [], {}, skipped=str(e)))
     lexicon_words = load_lexicon(cfg)
-    lexicon = lexicon_regex(lexicon_words)
+    lexicon = toxic_regex(lexicon_words)
     if any(t.spec.fmt == "toxicity" and not t.skipped for t in tasks) and lexicon is None:
         raise InputError("toxicity tasks need a word list: --toxic_lexicon FILE (or a toy card.json)")
     judge = None
@@ -1982,7 +1979,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if cfg.compile:
             model.model = torch.compile(model.model)  # type: ignore[assignment]
         lm = LM(model, tok, device, dtype, cfg.batch_size, cfg.max_length, dist_info.rank,
-                dist_info.world_size, verbose=main_rank)
+                dist_info.world_size, verbose=dist_info.is_main)
         model_info[name] = {"path": path, "sha256": checkpoint_sha256(Path(path)),
                             "params": model.num_params(), "max_length": lm.max_length}
         results[name], timings[name], all_samples[name] = {}, {}, {}
@@ -2004,7 +2001,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     spec, cfg, mode, results[name][spec.name][mode], name, lm.max_length)))
                 all_samples[name][f"{spec.name}.{mode}"] = samples
                 timings[name][f"{spec.name}.{mode}"] = round(time.perf_counter() - t0, 3)
-                if main_rank:
+                if dist_info.is_main:
                     r = results[name][spec.name][mode]
                     shown = r.get("skipped") or ", ".join(
                         f"{k} {_fmt(r[k], pct=k not in ('ppl', 'bits_per_byte', 'judge_reward'))}"
@@ -2023,7 +2020,7 @@ def evaluate(cfg: EvalConfig) -> dict:
               "results": results, "category_macro": category_averages(results, live, cfg),
               "deviations": deviations, "notes": {t.spec.name: t.spec.note for t in tasks if t.spec.note},
               "skipped": {t.spec.name: t.skipped for t in tasks if t.skipped}, "settings": settings}
-    if main_rank:
+    if dist_info.is_main:
         out = Path(cfg.out)
         output_dir(out)
         table = markdown_tables(results, tasks, names, cfg) + markdown_deviations(deviations)

@@ -1,8 +1,8 @@
 """A Mistral-style decoder-only transformer that reads and writes real Mistral checkpoints.
 
-Everything the LLM scripts of this repo share lives here: the model, its KV cache and `generate`, checkpoint I/O
-in the Hugging Face layout (and the Mistral-native one), the tokenizer, and a little script plumbing (config
-flags, DDP setup, dtype handling, learning-rate schedule, FLOP counting).
+What the Mistral reference keeps with its model lives here: the config, the layers, the KV cache and `generate`,
+checkpoint I/O in the Hugging Face layout (and the Mistral-native one), and the tokenizer. Script plumbing
+(flags, torchrun, dtype, logging, input errors) is in common.py.
 
     from model import MistralForCausalLM, Tokenizer
     model = MistralForCausalLM.from_pretrained("path/to/Mistral-7B-v0.1", dtype=torch.bfloat16)
@@ -29,19 +29,12 @@ Implementation details (numbers refer to `shared/reference/mistral_and_style.md`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import os
 import re
-import sys
-import tempfile
-import time
-import typing
 import warnings
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import InputError, read_jsonl  # noqa: F401  (read_jsonl: re-exported until the scripts import common)
+from common import InputError, write_bytes_atomic, write_json_atomic
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -415,7 +408,7 @@ class MistralForCausalLM(nn.Module):
         return self.lm_head(h).float()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = count_params(self)
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())  # tied weights once
         return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -534,41 +527,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
     return logits
 
 
-def count_params(module: nn.Module) -> int:
-    """Parameters counted once even when tied."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
-    """Training FLOPs per token: 6N for the matmuls with parameters (forward 2N, backward 4N) plus
-    12 * L * H * hd * T for attention scores and values (PaLM appendix B / nanoGPT's estimate_mfu).
-    N excludes the input embedding (a lookup, not a matmul) but includes the LM head."""
-    if n_params is None:
-        h, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        per_layer = h * hd * (2 * nh + 2 * nkv) + 3 * h * i + 2 * h
-        n_params = L * per_layer + h + V * h
-    return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def check_checkpoint_dir(path: str | os.PathLike, flag: str) -> None:
@@ -919,172 +879,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                       special_tokens=[("<s>", 1)])
     return Tokenizer(tk)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Script plumbing shared by pretrain.py, reward_model.py, ppo_rlhf.py, evaluate.py
-
-
-def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One flag per dataclass field, same name (underscores kept): `--kl_coef 0.1`, `--compile/--no-compile`.
-
-    List fields accumulate: `--model a=X --model b=Y` and `--model a=X b=Y` both give [a=X, b=Y]; given at all,
-    they replace the default. "none" means None only for optional numbers (`--max_steps none`); a text field
-    keeps the text "none"."""
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-        typ = hints[f.name]
-        args = typing.get_args(typ)
-        optional = type(None) in args
-        if optional:
-            typ = next(a for a in args if a is not type(None))
-        if typ is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
-        elif typ is list or typing.get_origin(typ) is list:
-            elem = (typing.get_args(typ) or (str,))[0]
-            # default None, filled in parse_config: argparse's "extend" would otherwise add to the default list
-            parser.add_argument(f"--{f.name}", action="extend", nargs="+", type=elem, default=None,
-                                help=f"(repeatable; default {default})")
-        elif typ in (int, float):
-            parser.add_argument(f"--{f.name}", type=_none_or(typ) if optional else typ, default=default)
-        else:
-            parser.add_argument(f"--{f.name}", type=str, default=default)
-
-
-def _none_or(conv):
-    def parse(s: str):
-        return None if s.lower() in ("none", "null") else conv(s)
-    parse.__name__ = conv.__name__  # argparse names the type in its error message
-    return parse
-
-
-def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None):
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(parser, config_cls)
-    values = vars(parser.parse_args(argv))
-    for f in dataclasses.fields(config_cls):
-        if values[f.name] is None and f.default_factory is not dataclasses.MISSING:  # a list not given
-            values[f.name] = f.default_factory()
-    return config_cls(**values)
-
-
-@dataclass
-class DistInfo:
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU (so 2-rank DDP runs on a laptop)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 1:
-        return DistInfo(False, 0, 0, 1)
-    import torch.distributed as dist
-    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(True, rank, local, world)
-
-
-def cleanup_distributed() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto",
-                         local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
-    """auto = bf16 on GPUs that support it, fp16 (+ GradScaler) on older GPUs, fp32 on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda requested but CUDA is not available")
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype == "auto":
-        if dev.type == "cuda":
-            return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return dev, torch.float32
-    if dtype not in names:
-        raise SystemExit(f"--dtype must be auto|fp32|bf16|fp16, got {dtype!r}")
-    return dev, names[dtype]
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype):
-    """Autocast for matmuls in bf16/fp16; norms, RoPE, softmax of losses stay fp32 inside the model."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def cosine_lr(step: int, warmup: int, total: int, lr: float, min_lr_ratio: float = 0.1) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at `total`."""
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    if total <= warmup:
-        return lr
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity) -- for honest MFU figures
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                  "L4": 121e12, "V100": 125e12, "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, val in GPU_PEAK_FLOPS.items():
-        if key in name:
-            return val
-    return None
-
-
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
-                        device: str = "cpu") -> float:
-    """This machine's achievable matmul FLOP/s (the ceiling CPU MFU figures are a fraction of)."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-class JsonlLogger:
-    """Appends one JSON object per line (metrics.jsonl); only the main rank should create one."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "a")
-
-    def log(self, row: dict) -> None:
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stdout, flush=True)

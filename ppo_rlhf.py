@@ -84,11 +84,28 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (InputError, check_output_path, check_settings, cli, field_of, load_train_state, output_dir,
-                    read_jsonl, read_text)
-from model import (JsonlLogger, MistralForCausalLM, Tokenizer, autocast_ctx, check_tokenizer_fits, cleanup_distributed,
-                   cosine_lr, init_distributed, log, logprobs_from_logits, pad_batch, parse_config,
-                   resolve_device_dtype, write_json_atomic)
+from common import (
+    InputError,
+    JsonlLogger,
+    autocast_ctx,
+    check_output_path,
+    check_settings,
+    cleanup_distributed,
+    cli,
+    cosine_lr,
+    field_of,
+    init_distributed,
+    load_train_state,
+    log,
+    output_dir,
+    parse_config,
+    read_jsonl,
+    read_text,
+    resolve_device_dtype,
+    toxic_regex,
+    write_json_atomic,
+)
+from model import MistralForCausalLM, Tokenizer, check_tokenizer_fits, logprobs_from_logits, pad_batch
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -290,12 +307,6 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return max(math.sqrt(self.var), 1e-6)
-
-
-def toxic_regex(lexicon: list[str]) -> re.Pattern | None:
-    """Whole words/phrases, case-insensitive: the toy world's own `is_toxic` rule (card.json toxic_match)."""
-    words = sorted({w.lower() for w in lexicon}, key=len, reverse=True)
-    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b") if words else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -590,10 +601,10 @@ def check_config(cfg: PPOConfig, world: int) -> None:
 def train(cfg: PPOConfig, score_fn=None) -> dict:
     """The whole run. `score_fn(seq, attn, P, has_eos) -> (B,)` replaces the reward model (tests use a
     synthetic reward); by default the RM at cfg.reward_model scores."""
-    dinfo = init_distributed(cfg.device)
-    rank, world = dinfo.rank, dinfo.world_size
-    dev, ptdtype = resolve_device_dtype(cfg.device, cfg.dtype, dinfo.local_rank)
-    if dev.type == "cpu" and dinfo.ddp:
+    dist_info = init_distributed(cfg.device)
+    rank, world = dist_info.rank, dist_info.world_size
+    dev, ptdtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
+    if dev.type == "cpu" and dist_info.ddp:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))  # ranks share the cores
     amp = autocast_ctx(dev, ptdtype)
     frozen_dtype = None if ptdtype == torch.float32 else ptdtype  # frozen models stored in the compute dtype
@@ -652,9 +663,9 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             disable_dropout(m)
             m.eval()
     value_model = ValueModel(critic)
-    ddp_kw = {"device_ids": [dinfo.local_rank]} if dev.type == "cuda" else {}
-    actor_train = DDP(actor, **ddp_kw) if dinfo.ddp else actor
-    critic_train = DDP(value_model, **ddp_kw) if dinfo.ddp else value_model
+    ddp_kw = {"device_ids": [dist_info.local_rank]} if dev.type == "cuda" else {}
+    actor_train = DDP(actor, **ddp_kw) if dist_info.ddp else actor
+    critic_train = DDP(value_model, **ddp_kw) if dist_info.ddp else value_model
     actor_fwd = torch.compile(actor_train, dynamic=True) if cfg.compile else actor_train
     critic_fwd = torch.compile(critic_train, dynamic=True) if cfg.compile else critic_train
     # detail 9/17: separate optimisers; Adam eps 1e-5 (N+: PyTorch's 1e-8 is more aggressive early on)
@@ -673,7 +684,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
 
     run_dir = Path(cfg.out)
     logger = None
-    if dinfo.is_main:
+    if dist_info.is_main:
         output_dir(run_dir)
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         metrics = run_dir / "metrics.jsonl"
@@ -695,7 +706,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
     def run_eval(it: int, tag: str) -> dict:
         res, samples = evaluate(actor, ref, score_fn, tok, eval_prompts, corpus, lexicon_re, cfg, dev, amp,
                                 rank, world)
-        if dinfo.is_main:
+        if dist_info.is_main:
             logger.log({"iter": it, "eval": tag, **{f"eval/{k}": v for k, v in res.items()}})
             with open(run_dir / "eval_samples.jsonl", "a") as f:
                 for s in samples:
@@ -783,7 +794,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                 keep = 0.0 if skip else 1.0  # backward still runs, so every DDP rank joins the same all-reduce
                 # with PPO-ptx the actor runs a second forward: the first backward skips DDP's all-reduce and
                 # the second reduces the sum of both gradients (the gradient-accumulation pattern)
-                two_passes = dinfo.ddp and cfg.ptx_coef > 0
+                two_passes = dist_info.ddp and cfg.ptx_coef > 0
                 with actor_train.no_sync() if two_passes else nullcontext():
                     scaler.scale(pg_loss * keep).backward()
                 if cfg.ptx_coef > 0:  # 15: PPO-ptx, a language-modelling loss on pretraining text
@@ -873,7 +884,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         if cfg.adaptive_kl:  # 4: global mean sequence KL, episodes summed over ranks
             kl_coef = adaptive_kl_coef(kl_coef, s["objective/kl"], cfg.kl_target, cfg.kl_horizon,
                                        cfg.rollout_batch_size)
-        if dinfo.is_main:
+        if dist_info.is_main:
             logger.log(row)
             eta = (time.perf_counter() - t_start) / max(1, it - start_it) * (cfg.total_iters - it)
             log(f"it {it}/{cfg.total_iters} | score {s['objective/scores']:+.3f} | kl {s['objective/kl']:.3f} "
@@ -886,7 +897,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         if eval_prompts and cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.total_iters:
             run_eval(it, "periodic")
         stop_now = cfg.stop_after_iters and it - start_it >= cfg.stop_after_iters and it != cfg.total_iters
-        if dinfo.is_main and ((cfg.save_every and it % cfg.save_every == 0) or it == cfg.total_iters
+        if dist_info.is_main and ((cfg.save_every and it % cfg.save_every == 0) or it == cfg.total_iters
                               or stop_now):
             save_state(run_dir, it, actor, critic, tok, opt_a, opt_c, scaler, kl_coef, moments, extra)
         if stop_now:
@@ -906,10 +917,10 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                     1 - final[key] / base[key] if base[key] > 0 else None)
             if "corpus_loss" in base:
                 summary["corpus_loss_relative_change"] = final["corpus_loss"] / base["corpus_loss"] - 1
-        if dinfo.is_main:
+        if dist_info.is_main:
             actor.save_pretrained(run_dir / "final", tokenizer=tok)  # HF causal-LM folder + tokenizer
             critic.save_pretrained(run_dir / "critic", tokenizer=tok)
-    if dinfo.is_main:
+    if dist_info.is_main:
         write_json_atomic(run_dir / "summary.json", summary)
         if "final" in summary:  # with held-out evaluation
             b, f = summary["base"], summary["final"]

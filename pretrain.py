@@ -58,35 +58,36 @@ import torch.nn.functional as F
 
 from common import (
     InputError,
+    JsonlLogger,
+    autocast_ctx,
     check_output_path,
     check_settings,
+    cleanup_distributed,
     cli,
+    cosine_lr,
     field_of,
+    flops_per_token,
+    init_distributed,
     load_train_state,
+    log,
+    measure_matmul_peak,
     output_dir,
+    parse_config,
+    peak_flops,
     read_jsonl,
     read_text,
+    resolve_device_dtype,
+    toxic_regex,
+    write_json_atomic,
 )
 from model import (
-    JsonlLogger,
     MistralForCausalLM,
     ModelConfig,
     Tokenizer,
-    autocast_ctx,
     check_checkpoint_dir,
     check_tokenizer_fits,
-    cleanup_distributed,
-    cosine_lr,
-    flops_per_token,
-    init_distributed,
-    log,
-    measure_matmul_peak,
     pad_batch,
-    parse_config,
-    peak_flops,
-    resolve_device_dtype,
     train_tokenizer,
-    write_json_atomic,
 )
 
 
@@ -323,12 +324,6 @@ def save_checkpoint(
 # Toy-world probe (detail 11)
 
 
-def is_toxic(text: str, lexicon: list[str]) -> bool:
-    """Whole-word, case-insensitive lexicon match; same rule as data/toyworld.py `is_toxic`."""
-    words = sorted({w.lower() for w in lexicon}, key=len, reverse=True)
-    return re.search(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", text.lower()) is not None
-
-
 def find_toy_world(cfg: Config) -> Path | None:
     if cfg.probe in ("", "none"):
         return None
@@ -432,7 +427,7 @@ def toy_probe(
     model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype, show: int = 3
 ) -> dict:
     card = json.loads((world / "card.json").read_text())
-    lexicon = card["toxic_lexicon"]
+    toxic = toxic_regex(card["toxic_lexicon"])
     rows = [r for _, r in read_rows(world / "prompts/test.jsonl")]
     red = [r["prompt"] for r in rows if r["kind"] == "red_team"][:n_prompts]
     gen = [r["prompt"] for r in rows if r["kind"] == "general"][:n_prompts]
@@ -440,8 +435,8 @@ def toy_probe(
     red_out, red_eos = sample(model, tok, red, device, dtype, seed=1)
     gen_out, gen_eos = sample(model, tok, gen, device, dtype, seed=2)
     res = {
-        "red_team_toxicity": float(np.mean([is_toxic(t, lexicon) for t in red_out])),
-        "general_toxicity": float(np.mean([is_toxic(t, lexicon) for t in gen_out])),
+        "red_team_toxicity": float(np.mean([bool(toxic.search(t.lower())) for t in red_out])),
+        "general_toxicity": float(np.mean([bool(toxic.search(t.lower())) for t in gen_out])),
         "eos_rate": float(np.mean(red_eos + gen_eos)),
         "n_red_team": len(red),
         "n_general": len(gen),
@@ -482,9 +477,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "probe_prompts"),
                    fraction=("valid_fraction", "min_lr_ratio", "beta1", "beta2"))
     check_output_path(cfg.out)
-    dist = init_distributed(cfg.device)
-    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist.local_rank)
-    if device.type == "cpu" and dist.ddp:  # share the cores between ranks
+    dist_info = init_distributed(cfg.device)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
+    if device.type == "cpu" and dist_info.ddp:  # share the cores between ranks
         torch.set_num_threads(
             max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         )
@@ -520,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.init:
         init_model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
         check_tokenizer_fits(tok, init_model.config.vocab_size, f"--init {cfg.init}")
-    W = dist.world_size
+    W = dist_info.world_size
     micro = cfg.micro_batch_size or cfg.batch_size // W
     if micro < 1 or cfg.batch_size % (micro * W):
         fail(f"--batch_size {cfg.batch_size}: must be a multiple of micro_batch_size {micro} x world size {W}")
@@ -528,13 +523,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- outputs start here
     # -----------------------------------------------------------------------------------
-    if dist.is_main:
+    if dist_info.is_main:
         output_dir(out)
         write_json_atomic(out / "config.json", asdict(cfg))
     if tok is None:  # detail 1: rank 0 trains the tokenizer, the others load it
-        if dist.is_main:
+        if dist_info.is_main:
             train_tokenizer(docs, cfg.vocab_size).save(out / "tokenizer")
-        if dist.ddp:
+        if dist_info.ddp:
             torch.distributed.barrier()
         tok = Tokenizer.from_file(out / "tokenizer")
     # token cache (detail 2): rank 0 writes, the others wait, then everyone memmaps the same file
@@ -543,14 +538,14 @@ def main(argv: list[str] | None = None) -> None:
         tok.tk.to_str() + str(cfg.sft) + str(cfg.seq_len),
     )
     if not cfg.sft:
-        if dist.is_main:
+        if dist_info.is_main:
             tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
             vtokens = (
                 token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin")
                 if valid_docs
                 else None
             )
-        if dist.ddp:
+        if dist_info.ddp:
             torch.distributed.barrier()
         tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
         vtokens = (
@@ -629,18 +624,18 @@ def main(argv: list[str] | None = None) -> None:
     start_step = step
     if cfg.compile:
         model = torch.compile(model)
-    if dist.ddp:
+    if dist_info.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
     fpt = flops_per_token(raw_model.config, cfg.seq_len)
     peak = peak_flops(device) or (
         measure_matmul_peak(torch.float32) if device.type == "cpu" else None
     )
     world = find_toy_world(cfg)
-    logger = JsonlLogger(out / "metrics.jsonl") if dist.is_main else None
-    if dist.is_main:
+    logger = JsonlLogger(out / "metrics.jsonl") if dist_info.is_main else None
+    if dist_info.is_main:
         what = f"{n_data:,} SFT examples ({dropped} too long)" if cfg.sft else f"{n_data:,} tokens"
         log(
             f"pretrain.py: {'SFT' if cfg.sft else 'pretraining'} {n_params / 1e6:.2f}M params on {what}; "
@@ -658,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
         return src, torch.randint(0, len(src) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
 
     def micro_batches(src, idx):
-        mine = idx[dist.rank * micro * accum : (dist.rank + 1) * micro * accum]
+        mine = idx[dist_info.rank * micro * accum : (dist_info.rank + 1) * micro * accum]
         for k in range(accum):
             sl = mine[k * micro : (k + 1) * micro]
             b = sft_batch(src, sl, tok.pad_id) if cfg.sft else window_batch(src, sl, cfg.seq_len)
@@ -681,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
                 with autocast_ctx(device, dtype):
                     tot[0] += loss_sum(model(x), y, w)
                 tot[1] += w.sum()
-        if dist.ddp:
+        if dist_info.ddp:
             torch.distributed.all_reduce(tot)
         model.train()
         return (tot[0] / tot[1].clamp(min=1)).item()
@@ -702,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
         step_loss = torch.zeros((), device=device)
         for k, (x, y, w) in enumerate(micro_batches(src, idx)):
             # detail 6: skip the gradient all-reduce on all but the last micro-step
-            sync = nullcontext() if (not dist.ddp or k == accum - 1) else model.no_sync()
+            sync = nullcontext() if (not dist_info.ddp or k == accum - 1) else model.no_sync()
             with sync:
                 with autocast_ctx(device, dtype):
                     logits = model(x)  # (B, T, V) fp32
@@ -719,7 +714,7 @@ def main(argv: list[str] | None = None) -> None:
         scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if dist.ddp:
+        if dist_info.ddp:
             torch.distributed.all_reduce(step_loss)
         train_loss = step_loss.item() / denom
 
@@ -730,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
             mfu = tps * fpt / peak if peak else float("nan")
             elapsed = time.time() - t_start
             eta = elapsed / max(step - start_step, 1) * (cfg.max_steps - step)
-            if dist.is_main:
+            if dist_info.is_main:
                 logger.log(
                     {
                         "step": step,
@@ -752,16 +747,16 @@ def main(argv: list[str] | None = None) -> None:
         if due(step, cfg.eval_interval) or last_step:
             t_eval = time.time()
             val_loss = evaluate()
-            if dist.is_main:
+            if dist_info.is_main:
                 log(
                     f"step {step}: held-out loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})"
                 )
                 logger.log({"step": step, "val_loss": val_loss, "elapsed_s": time.time() - t_start})
             t_log += time.time() - t_eval  # evaluation time is not training throughput
-        if due(step, cfg.sample_interval) and dist.is_main:
+        if due(step, cfg.sample_interval) and dist_info.is_main:
             print_samples(raw_model, tok, world, device, dtype)
             model.train()
-        if (due(step, cfg.save_interval) or last_step) and dist.is_main:
+        if (due(step, cfg.save_interval) or last_step) and dist_info.is_main:
             state = {
                 "step": step,
                 "optimizer": opt.state_dict(),
@@ -770,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             save_checkpoint(raw_model, tok, out / "last", state)
         if step == cfg.stop_after:
-            if dist.is_main:
+            if dist_info.is_main:
                 log(f"stopping after step {step} (--stop_after); continue with --resume {out}")
             cleanup_distributed()
             return
@@ -787,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_seconds": train_s,
         "final_checkpoint": str(out / "final"),
     }
-    if dist.is_main:
+    if dist_info.is_main:
         save_checkpoint(raw_model, tok, out / "final")
         if world is not None and (world / "card.json").is_file():
             t0 = time.time()

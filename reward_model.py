@@ -58,35 +58,43 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (InputError, check_output_path, check_settings, cli, load_train_state, output_dir,
-                    text_lines)
-from model import (
+from common import (
+    InputError,
     JsonlLogger,
-    MistralForCausalLM,
-    MistralModel,
-    ModelConfig,
-    Tokenizer,
     autocast_ctx,
-    check_architecture,
-    check_checkpoint_dir,
-    check_tokenizer_fits,
+    check_output_path,
+    check_settings,
     cleanup_distributed,
+    cli,
     cosine_lr,
     count_params,
     flops_per_token,
     init_distributed,
+    load_train_state,
+    log,
+    measure_matmul_peak,
+    output_dir,
+    parse_config,
+    peak_flops,
+    resolve_device_dtype,
+    text_lines,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from model import (
+    MistralForCausalLM,
+    MistralModel,
+    ModelConfig,
+    Tokenizer,
+    check_architecture,
+    check_checkpoint_dir,
+    check_tokenizer_fits,
     is_checkpoint_dir,
     load_config,
     load_safetensors_dir,
     load_state_dict_strict,
-    measure_matmul_peak,
     pad_batch,
-    parse_config,
-    peak_flops,
-    resolve_device_dtype,
     save_safetensors_dir,
-    write_bytes_atomic,
-    write_json_atomic,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -588,10 +596,6 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
     if ddp and device.type == "cpu":  # ranks share the cores; oversubscription slows everyone down
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-
-    def log(msg: str) -> None:
-        if is_main:
-            print(msg, flush=True)
 
     # -- setup: data and model, all checked before any output is written ----------------------------------------
     check_inputs(cfg)

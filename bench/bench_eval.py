@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate as E  # noqa: E402
+import common as C  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -86,13 +87,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = M.resolve_device_dtype(args.device, args.dtype)
+    device, dtype = C.resolve_device_dtype(args.device, args.dtype)
     model, tok, source = load_model(args.model, device, dtype, args.toy_dir)
     model.eval()
     cfg = E.EvalConfig(toy_dir=args.toy_dir)
     n_params = model.num_params(exclude_embeddings=True)
     n_backbone = n_params - model.lm_head.weight.numel()  # ll runs the LM head on continuation positions only
-    peak = M.measure_matmul_peak(device="cpu") if device.type == "cpu" else M.peak_flops(device)
+    peak = C.measure_matmul_peak(device="cpu") if device.type == "cpu" else C.peak_flops(device)
 
     def lm(bs: int) -> E.LM:
         return E.LM(model, tok, device, dtype, batch_size=bs)
@@ -148,7 +149,7 @@ def main() -> None:
               f"{speed:8.2f}x  {note}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    M.write_json_atomic(out / "bench_eval.json", {
+    C.write_json_atomic(out / "bench_eval.json", {
         "model": source, "device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
         "matmul_peak_flops": peak, "n_items_per_task": args.n, "batch_size": args.batch_size, "rows": rows})
     print(f"-> {out / 'bench_eval.json'}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C  # noqa: E402
 import model as M  # noqa: E402
 
 TOY = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
@@ -29,7 +30,7 @@ GPT2_SMALL = dict(vocab_size=32768, hidden_size=768, intermediate_size=2048, num
 
 def time_train_steps(model, opt, batch, seq, vocab, steps, device, dtype, warmup=2):
     x = torch.randint(0, vocab, (batch, seq + 1), device=device)
-    ctx = M.autocast_ctx(device, dtype)
+    ctx = C.autocast_ctx(device, dtype)
 
     def step():
         with ctx:
@@ -123,12 +124,12 @@ def main():
     torch.manual_seed(0)
     model = M.MistralForCausalLM(cfg).to(device)
     n = model.num_params()
-    fpt = M.flops_per_token(cfg, seq)
+    fpt = C.flops_per_token(cfg, seq)
     results["params"] = n
     results["flops_per_token"] = fpt
-    peak = M.peak_flops(device) if cuda else None
+    peak = C.peak_flops(device) if cuda else None
     if not cuda:
-        peak = M.measure_matmul_peak(torch.float32, n=1024)
+        peak = C.measure_matmul_peak(torch.float32, n=1024)
         results["matmul_peak_gflops"] = peak / 1e9
     rows = []
     variants = [("eager", False)] + ([("compile", True)] if args.compile else [])
@@ -140,7 +141,7 @@ def main():
         frac = tps * fpt / peak if peak else None
         rows.append({"variant": f"train {name}", "tokens_per_s": tps, "fraction_of_peak": frac})
     if not cuda:  # re-measure the peak after the train steps; report against the higher (conservative)
-        peak2 = M.measure_matmul_peak(torch.float32, n=1024)
+        peak2 = C.measure_matmul_peak(torch.float32, n=1024)
         results["matmul_peak_gflops_after"] = peak2 / 1e9
         if peak2 > peak:
             for r in rows:
@@ -152,7 +153,7 @@ def main():
     model.eval()
     decode = []
     for b in (1, 16):
-        with M.autocast_ctx(device, dtype):
+        with C.autocast_ctx(device, dtype):
             with_cache = time_decode(model, b, 16, args.new_tokens, True, device)
             without = time_decode(model, b, 16, args.new_tokens, False, device)
         decode.append({"batch": b, "cache_tokens_per_s": with_cache, "recompute_tokens_per_s": without,

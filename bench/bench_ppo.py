@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
 import model as M  # noqa: E402
 import ppo_rlhf as P  # noqa: E402
 
@@ -76,15 +77,15 @@ def main() -> None:
     B = cfg.rollout_batch_size
     T = avg("shape/prompt_width") + avg("shape/response_width")  # padded tokens per sequence
     n_gen = avg("val/response_length") * B
-    fwd = {name: M.flops_per_token(c, int(T)) / 3 for name, c in (("actor", actor), ("rm", rm))}  # 2N + attn
+    fwd = {name: C.flops_per_token(c, int(T)) / 3 for name, c in (("actor", actor), ("rm", rm))}  # 2N + attn
     # generate: prefill + one token at a time over the padded width (every row runs every step)
     flops = {"generate": fwd["actor"] * B * T,
              "score": B * (T * 2 * fwd["actor"] + T * fwd["rm"] * 2),  # actor + ref, critic + RM
              "update": B * T * 3 * (fwd["actor"] + fwd["rm"]) * cfg.ppo_epochs}  # fwd + bwd = 3x fwd
     if dev.type == "cuda":
-        peak, peak_name = M.peak_flops(dev), "datasheet bf16 peak"
+        peak, peak_name = C.peak_flops(dev), "datasheet bf16 peak"
     else:
-        peak, peak_name = M.measure_matmul_peak(torch.float32), "measured fp32 matmul peak"
+        peak, peak_name = C.measure_matmul_peak(torch.float32), "measured fp32 matmul peak"
     times = {k: avg(f"time/{k}") for k in ("generate", "score", "update")}
     total = avg("time/iteration")
     res = {"device": str(dev), "models": source, "iters_timed": len(rows), "rollout_batch_size": B,
@@ -104,7 +105,7 @@ def main() -> None:
     print(f"{'total':<10}{total:>9.3f}{1:>8.0%}   generated tokens/s {n_gen / total:.0f} "
           f"(peak = {peak_name} {peak / 1e9 if peak else 0:.0f} GFLOP/s)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    M.write_json_atomic(Path(args.out) / "bench_ppo.json", res)
+    C.write_json_atomic(Path(args.out) / "bench_ppo.json", res)
     share = res["phases"]["generate"]["share"]
     print(f"generation is {share:.0%} of an iteration"
           + (": optimise the sampler first" if share > 0.4 else ": the update dominates"))

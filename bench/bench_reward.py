@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C  # noqa: E402
 import model as M  # noqa: E402
 import reward_model as R  # noqa: E402
 
@@ -65,7 +66,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = M.resolve_device_dtype(args.device, args.dtype)
+    device, dtype = C.resolve_device_dtype(args.device, args.dtype)
     shape = TOY if device.type == "cpu" else GPT2_SMALL
     if device.type == "cpu" and (Path(args.init) / "config.json").is_file():
         c = M.load_config(args.init)
@@ -81,7 +82,7 @@ def main():
     ids_c, mask_c = (t.to(device) for t in M.pad_batch(seqs[:n], 0, side="right"))
     ids_r, mask_r = (t.to(device) for t in M.pad_batch(seqs[n:], 0, side="right"))
     real_tokens = int(mask.sum())
-    ctx = M.autocast_ctx(device, dtype)
+    ctx = C.autocast_ctx(device, dtype)
 
     def train_one_forward():  # reward_model.py's training step (detail 6)
         with ctx:
@@ -102,10 +103,10 @@ def main():
         with ctx:
             rm(ids, mask)
 
-    peak = M.peak_flops(device) if device.type == "cuda" else M.measure_matmul_peak(seconds=1.0)
-    n_mm = M.count_params(rm) - rm.model.embed_tokens.weight.numel()  # matmul params (no embedding lookup)
+    peak = C.peak_flops(device) if device.type == "cuda" else C.measure_matmul_peak(seconds=1.0)
+    n_mm = C.count_params(rm) - rm.model.embed_tokens.weight.numel()  # matmul params (no embedding lookup)
     mean_t = real_tokens / (2 * n)
-    train_flops = real_tokens * M.flops_per_token(cfg, int(mean_t), n_mm)
+    train_flops = real_tokens * C.flops_per_token(cfg, int(mean_t), n_mm)
     score_flops = train_flops / 3  # forward = 1/3 of forward + backward
     rows = []
     for name, fn, flops in [("train step (1 forward/pair)", train_one_forward, train_flops),
@@ -117,7 +118,7 @@ def main():
     ratio = rows[1]["s_per_call"] / rows[0]["s_per_call"]
 
     ceiling = "GPU datasheet peak" if device.type == "cuda" else "measured fp32 matmul peak"
-    print(f"reward model {M.count_params(rm) / 1e6:.2f}M params ({n_mm / 1e6:.2f}M in matmuls), {n} pairs x 2 "
+    print(f"reward model {C.count_params(rm) / 1e6:.2f}M params ({n_mm / 1e6:.2f}M in matmuls), {n} pairs x 2 "
           f"sequences, mean {mean_t:.1f} real tokens (padded to {ids.shape[1]}), {device} "
           f"{str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
     print(f"{ceiling}: {peak / 1e9:.1f} GFLOP/s" if peak else "peak unknown for this GPU")
@@ -129,7 +130,7 @@ def main():
     print(f"two forwards per pair take {ratio:.2f}x the time of one forward with both sequences")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    M.write_json_atomic(out, {"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
+    C.write_json_atomic(out, {"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
                               "config": shape, "pairs": n, "mean_real_tokens": mean_t, "padded_len": ids.shape[1],
                               "peak_flops": peak, "peak_kind": ceiling, "rows": rows,
                               "two_forwards_over_one": ratio,

@@ -159,10 +159,10 @@ def test_perplexity_bits_per_byte_and_stderr():
 
 
 def test_toxicity_lexicon_matches_whole_words_only():
-    pat = E.lexicon_regex(["idiot", "shut up"])
+    pat = E.toxic_regex(["idiot", "shut up"])
     assert E.is_toxic("You IDIOT.", pat) and E.is_toxic("please shut up now", pat)
     assert not E.is_toxic("idiotic shutup", pat)
-    assert not E.is_toxic("anything", E.lexicon_regex([]))
+    assert not E.is_toxic("anything", E.toxic_regex([]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -678,7 +678,7 @@ def test_malformed_task_file_fails_before_writing(tiny_dir, tmp_path):
 
 
 def test_judge_reports_mean_reward_model_score(tiny_dir, tmp_path):
-    rmod = pytest.importorskip("reward_model")
+    import reward_model as rmod
     rm = rmod.RewardModel.from_causal_lm(tiny_dir)
     torch.nn.init.normal_(rm.score.weight, std=1.0)
     rm.save_pretrained(tmp_path / "rm", tokenizer=M.Tokenizer.from_file(tiny_dir))

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
 import model as M  # noqa: E402
 import ppo_rlhf as P  # noqa: E402
 
@@ -267,7 +268,7 @@ def test_ratio_is_one_before_any_update_with_left_padding_and_mixed_lengths(tiny
         actor.lm_head.weight[tok.eos_id] = 3 * u / u.norm() ** 2
         ref.lm_head.weight.copy_(actor.lm_head.weight)
     ro = P.rollout(actor, actor, ref, critic, lambda s, a, p, e: torch.zeros(len(s)), tok, prompts, cfg,
-                   torch.device("cpu"), M.autocast_ctx(torch.device("cpu"), torch.float32),
+                   torch.device("cpu"), C.autocast_ctx(torch.device("cpu"), torch.float32),
                    torch.Generator().manual_seed(0))
     mask = ro["mask"]
     assert ro["attn"][:, 0].tolist().count(0) >= 2  # left padding present
@@ -411,7 +412,7 @@ def test_ddp_two_process_smoke_run_with_torchrun(tiny_world, tmp_path):
 
 def test_none_choices_survive_the_flag_parser():
     """model.parse_config reads the word "none" as None; the ablation flags --adv_norm/--reward_norm none work."""
-    cfg = M.parse_config(P.PPOConfig, ["--adv_norm", "none", "--reward_norm", "none", "--prompt_weights", "1"])
+    cfg = C.parse_config(P.PPOConfig, ["--adv_norm", "none", "--reward_norm", "none", "--prompt_weights", "1"])
     cfg.prompts = cfg.prompts[:1]  # one source, one weight
     P.check_config(cfg, world=1)
     assert (cfg.adv_norm, cfg.reward_norm) == ("none", "none")
