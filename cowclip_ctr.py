@@ -15,6 +15,7 @@ Launch:
     python cowclip_ctr.py --preprocess criteo --raw train.txt --data data/criteo  # 2 passes
     python cowclip_ctr.py --preprocess avazu --raw train --data data/avazu --test_frac 0.2
     python cowclip_ctr.py --data data/criteo --device cuda --batch_size 131072 --epochs 10
+    python cowclip_ctr.py --resume out/cowclip_ctr   # continue an interrupted run where it stopped
 
 Implementation details (the numbers appear again at the lines that implement them):
  1. DeepFM as LargeBatchCTR runs it (DeepCTR `DeepFM`): ONE concatenated d=10 table E with per-field
@@ -58,22 +59,44 @@ Implementation details (the numbers appear again at the lines that implement the
     `lbctr` encoding = the reference's LabelEncoder (missing -> "-1", sorted vocabulary) + MinMax
     dense (missing -> 0); `bars` = BARS/FuxiCTR style: ints -> floor(ln(v)^2) if v > 2 as
     categoricals, ids seen < min_count -> OOV. Fixed-seed split; memory-mapped .npy + meta.json +
-    vocab files; written to a temp folder and renamed.
+    vocab files; written to a temp folder and renamed. Raw files may be gzip or xz, have CRLF line
+    ends, a UTF-8 BOM and blank lines. meta.json lists every file written, so a rerun replaces
+    its own earlier output and refuses any other non-empty --data folder.
+12. Exact resume: <out>/ckpt/ holds the model (safetensors), both Adams, the GradScaler, the RNG
+    states and the generator state from before the current epoch's permutation (torch.save, read
+    with weights_only=True), plus the epoch, the batch within it, the step, the config and the
+    logging state (JSON). Rank 0 writes it at every epoch end, every --save_every steps and at
+    --stop_after_steps, as ckpt.tmp/ renamed into place (the previous one is kept until then), so
+    a kill at any moment leaves one loadable. --resume (every rank reads it) replays the epoch's
+    permutation, skips the batches already taken, cuts metrics.jsonl back to the checkpoint, and
+    ends bit-identical to the uninterrupted run (CPU, fp32, same threads). Flags left out are the
+    interrupted run's; a given flag that defines the run must equal the saved one (MAY_DIFFER
+    lists those that may change, such as --log_every or --out, which then starts a copy of the
+    run there). A fresh run refuses an --out that holds an unfinished run's checkpoint.
+
+Input errors (a flag, a raw row, a data folder) end the run before anything is written, with one
+line on stderr, `cowclip_ctr.py: error: <path>:<line>: field '<name>': <what is wrong; what to do>`,
+and exit code 2 (argparse's).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import codecs
 import dataclasses
 import datetime
+import gzip
 import json
+import lzma
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
+import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +155,12 @@ class Config:
     threads: int = 1  # CPU threads; 1 is fastest on a busy machine (OpenMP spin-waits), 0 = torch's
     log_every: int = 50  # steps between progress lines / metrics.jsonl rows
     save_model: bool = True  # write model.safetensors at the end
+    # --- checkpoints and resume (detail 12)
+    resume: str = ""  # a previous --out to continue from its ckpt/; --out defaults to the same folder
+    # steps between extra checkpoints; 0 = only at epoch ends, which is the default because a checkpoint
+    # holds the tables three times (weights + two Adam moments): ~4 GB for full Criteo
+    save_every: int = 0
+    stop_after_steps: int = 0  # stop after this step as if interrupted, leaving a checkpoint; 0 = run to the end
     # --- sweep
     sweep: bool = False  # run sweep_batches x sweep_rules and write sweep.md / sweep.json
     sweep_batches: str = (
@@ -140,6 +169,85 @@ class Config:
     sweep_rules: str = (
         "cowclip,sqrt,linear,none"  # cowclip runs with --clip code, the others with none
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# input errors: every setting is checked before the first byte is read or written
+
+
+class InputError(ValueError):
+    """A problem with what the user gave us (a flag, a raw row, a data folder); `main` prints it as
+    one line and exits 2. Anything else is a bug of ours and keeps its traceback."""
+
+
+PROG = "cowclip_ctr.py"  # the name on error lines, however we were launched (python, torchrun, pytest)
+CHOICES = {
+    "preprocess": ("", "criteo", "avazu"),
+    "encoding": ("lbctr", "bars"),
+    "scale_rule": ("cowclip", "sqrt", "linear", "none"),
+    "clip": ("code", "paper", "none"),
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("auto", "fp32", "bf16", "fp16"),
+}
+INT_LIST = re.compile(r"[0-9]+(,[0-9]+)*")
+
+
+def positive_ints(text: str) -> bool:
+    return bool(INT_LIST.fullmatch(text)) and all(int(x) > 0 for x in text.split(","))
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """An output folder may exist already; a file at its name, or at a folder above it, may not."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == Path(path) else f"{p} "
+                raise InputError(f"--{flag} {path}: {where}is an existing file; name a folder instead")
+            return
+
+
+def check_config(cfg: Config, world: int) -> None:
+    """Raise InputError for the first setting that cannot work, naming the flag and the fix."""
+
+    def need(ok, name: str, what: str) -> None:
+        if not ok:
+            v = getattr(cfg, name)
+            raise InputError(f"--{name} {v if v != '' else repr(v)}: {what}")
+
+    positive = ("n_train", "n_test", "synth_vocab", "embed_dim", "batch_size", "base_batch", "epochs", "log_every")
+    for name in (*positive, "min_count"):
+        need(getattr(cfg, name) > 0, name, "must be a positive integer")
+    for name in ("seed", "synth_seed", "split_seed", "threads", "save_every", "stop_after_steps"):
+        need(getattr(cfg, name) >= 0, name, "must be a non-negative integer")
+    # a zero or negative lr trains "fine" to a useless model, so it is refused, not run
+    for name in ("base_lr_dense", "base_lr_embed", "init_std", "cowclip_r"):
+        need(math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, "must be a positive number")
+    for name in ("base_l2", "cowclip_zeta", "warmup_epochs"):
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v >= 0, name, "must be a non-negative number")
+    for name, allowed in CHOICES.items():
+        need(getattr(cfg, name) in allowed, name, f"must be one of {'|'.join(a for a in allowed if a)}")
+    need(cfg.device != "cuda" or torch.cuda.is_available(), "device", "no CUDA device is visible; use --device cpu")
+    need(0 < cfg.test_frac < 1, "test_frac", "must be in (0, 1): evaluation needs a test split")
+    need(0 <= cfg.valid_frac < 1 - cfg.test_frac, "valid_frac", "must be in [0, 1 - test_frac)")
+    need(cfg.mlp == "" or positive_ints(cfg.mlp), "mlp", "must be comma-separated positive widths, e.g. 400,400")
+    # detail 6: every rank takes the same share of the global batch
+    need(cfg.batch_size % world == 0, "batch_size", f"must be divisible by WORLD_SIZE {world}")
+    if cfg.resume and (cfg.preprocess or cfg.sweep):
+        raise InputError(f"--resume {cfg.resume}: continues one training run; drop --preprocess / --sweep")
+    need(not (cfg.sweep and cfg.stop_after_steps), "stop_after_steps", "a sweep writes no checkpoints; drop --sweep")
+    if cfg.preprocess:  # the paths --raw and --data are checked by preprocess() itself
+        need(cfg.raw, "raw", "--preprocess needs the raw file, e.g. --raw train.txt")
+        need(cfg.data != "synthetic", "data", "name the folder --preprocess writes, e.g. --data data/criteo")
+        return
+    if cfg.sweep:
+        if world > 1:
+            raise InputError("--sweep: runs in one process; launch it without torchrun")
+        need(positive_ints(cfg.sweep_batches), "sweep_batches", "must be comma-separated positive batches, e.g. 1024")
+        rules = CHOICES["scale_rule"]
+        need(all(r in rules for r in cfg.sweep_rules.split(",")), "sweep_rules",
+             f"must be a comma-separated list of {'|'.join(rules)}")
+    check_output_path("out", cfg.out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,21 +458,37 @@ def make_synthetic(cfg: Config) -> dict:
 
 
 def load_preprocessed(folder: str) -> dict:
-    """Read a --preprocess folder: meta.json + memory-mapped .npy per split."""
+    """Read a --preprocess folder: meta.json + memory-mapped .npy per split, each checked against meta."""
     path = os.path.join(folder, "meta.json")
-    if not os.path.exists(path):
-        raise SystemExit(
-            f"{path}: not found; run `--preprocess criteo|avazu --raw FILE --data {folder}`"
-        )
-    with open(path) as f:
-        meta = json.load(f)
+    redo = f"run `--preprocess criteo|avazu --raw FILE --data {folder}` again"
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not found; {redo}")
+    try:
+        meta = json.loads(Path(path).read_bytes())
+    except ValueError as e:  # JSONDecodeError knows its line; a UnicodeDecodeError does not
+        raise InputError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({e}); {redo}") from None
+    for key in ("field_dims", "n_dense", "rows"):
+        if key not in meta:
+            raise InputError(f"{path}: field '{key}': missing; {redo}")
+    for split in ("train", "test"):  # training and the final AUC need both
+        if not meta["rows"].get(split):
+            raise InputError(f"{path}: field 'rows': no {split} rows; {redo} with more rows")
     out = {"field_dims": meta["field_dims"], "n_dense": meta["n_dense"], "meta": meta}
-    for split in ("train", "valid", "test"):
-        if meta["rows"].get(split, 0) > 0:
-            out[split] = tuple(
-                np.load(os.path.join(folder, f"{split}_{k}.npy"), mmap_mode="r")
-                for k in ("ids", "dense", "label")
-            )
+    for split, m in meta["rows"].items():
+        if m == 0:
+            continue
+        shapes = {"ids": (m, len(meta["field_dims"])), "dense": (m, meta["n_dense"]), "label": (m,)}
+        arrays = []
+        for k, shape in shapes.items():
+            file = os.path.join(folder, f"{split}_{k}.npy")
+            try:
+                a = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as e:  # missing, truncated (mmap past the end), not .npy
+                raise InputError(f"{file}: cannot read ({e}); {redo}") from None
+            if a.shape != shape:
+                raise InputError(f"{file}: shape {a.shape}, meta.json says {shape}; {redo}")
+            arrays.append(a)
+        out[split] = tuple(arrays)
     return out
 
 
@@ -521,12 +645,8 @@ def evaluate(model: nn.Module, split: tuple, ddp: bool, rank: int, world: int) -
 
 def setup_runtime(cfg: Config) -> dict:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank, world = 0, 0, 1
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise SystemExit(f"--device must be auto|cpu|cuda, got {cfg.device!r}")
+    rank, local_rank, world = 0, 0, 1  # --device, --dtype were checked by check_config
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world = int(os.environ["WORLD_SIZE"])
@@ -541,20 +661,16 @@ def setup_runtime(cfg: Config) -> dict:
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if use_cuda else "fp32"
-    if dtype not in ("fp32", "bf16", "fp16"):
-        raise SystemExit(f"--dtype must be auto|fp32|bf16|fp16, got {cfg.dtype!r}")
     return {"ddp": ddp, "rank": rank, "world": world, "device": device, "dtype": dtype}
 
 
 def to_device(split: tuple, offsets: torch.Tensor, device) -> tuple:
-    ids, dense, y = split
-    ids = torch.from_numpy(np.ascontiguousarray(ids)).to(device) + offsets.to(
-        device
-    )  # global row ids
+    # a preprocessed split is a read-only memmap: copy it (torch warns on, and must not write to, read-only memory)
+    ids, dense, y = (torch.from_numpy(np.require(a, requirements=["C", "W"])) for a in split)
     return (
-        ids,
-        torch.from_numpy(np.ascontiguousarray(dense)).to(device),
-        torch.from_numpy(np.ascontiguousarray(y)).float().to(device),
+        ids.to(device) + offsets.to(device),  # global row ids
+        dense.to(device),
+        y.float().to(device),
     )
 
 
@@ -565,33 +681,200 @@ def save_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------------------------------
+# checkpoints and resume (detail 12)
+
+# what may change between an interrupted run and its --resume: where it writes, how often it logs and
+# saves, when it stops, and the machinery it runs on; every other flag defines the run and must stay equal
+MAY_DIFFER = ("out", "resume", "log_every", "save_every", "stop_after_steps", "threads", "device", "compile",
+              "save_model")
+STATE_KEYS = ("step", "epoch", "batch", "steps_total", "config", "dtype", "n_train", "field_dims", "metrics_bytes",
+              "train_time_s", "wall_s", "history", "clip_stats", "clip_total", "files")
+TRAIN_STATE_KEYS = ("opt_embed", "opt_dense", "scaler", "rng_cpu", "rng_cuda", "perm_gen")
+DAMAGED = "the checkpoint is damaged; start the run again without --resume"
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def fsync(path: str) -> None:
+    """Force a file or folder to disk: a rename is only as durable as what it names."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: str, model_state: dict, train_state: dict, state: dict) -> None:
+    """Write <out>/ckpt/ as ckpt.tmp/ and rename it into place. At every moment ckpt/, or in the instant
+    between the two renames ckpt.old/, is a complete checkpoint (find_checkpoint reads them in that order)."""
+    from safetensors.torch import save_file
+
+    final, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)  # the half-written one of a killed run
+    os.makedirs(tmp)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+    save_file(tensors, os.path.join(tmp, "model.safetensors"))
+    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    # the sizes let --resume name a truncated file before any parser reads it
+    files = {n: os.path.getsize(os.path.join(tmp, n)) for n in ("model.safetensors", "train_state.pt")}
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({**state, "files": files}, f, indent=1)
+    for name in (*files, "state.json", ""):  # "" = the folder itself
+        fsync(os.path.join(tmp, name))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)  # older than ckpt/, which is complete
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run: str) -> str:
+    """The complete checkpoint of a run folder: ckpt/, or ckpt.old/ if a kill fell between the renames."""
+    if not os.path.isdir(run):
+        why = "is a file" if os.path.exists(run) else "not found"
+        raise InputError(f"--resume {run}: {why}; name the --out folder of the run to continue")
+    for name in ("ckpt", "ckpt.old"):
+        if os.path.isdir(os.path.join(run, name)):
+            return os.path.join(run, name)
+    if os.path.isdir(os.path.join(run, "ckpt.tmp")):
+        why = "the run was stopped while writing its first checkpoint"
+    else:
+        why = "a run writes one at every epoch end, every --save_every steps and at --stop_after_steps"
+    raise InputError(f"--resume {run}: holds no checkpoint ({os.path.join(run, 'ckpt')} not found; {why}); "
+                     "start the run again without --resume")
+
+
+def read_checkpoint(ckpt: str, tensors: bool = True) -> dict:
+    """state.json, and with `tensors` the model and training state; a damaged file is named in an InputError."""
+    path = os.path.join(ckpt, "state.json")
+    try:
+        state = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read ({first_line(e)}); {DAMAGED}") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["step"]
+    if missing or not isinstance(state["config"], dict) or not isinstance(state["files"], dict):
+        raise InputError(f"{path}: field '{(missing or ['config'])[0]}': missing or malformed; {DAMAGED}")
+    for name in ("model.safetensors", "train_state.pt"):
+        file, size = os.path.join(ckpt, name), state["files"].get(name)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have != size:
+            what = "missing" if have is None else f"{have} bytes, but {size} were written (truncated or replaced)"
+            raise InputError(f"{file}: {what}; {DAMAGED}")
+    if not tensors:
+        return {"state": state}
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = os.path.join(ckpt, "model.safetensors")
+    try:
+        model = load_file(file)
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{file}: cannot read ({first_line(e)}); {DAMAGED}") from None
+    file = os.path.join(ckpt, "train_state.pt")
+    try:  # the design's rule for training state: torch.save, loaded with weights_only=True
+        train_state = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        # a torch.load of bytes that are no archive blames weights_only; the file is what is wrong
+        why = "not a complete torch.save archive" if isinstance(e, pickle.UnpicklingError) else first_line(e)
+        raise InputError(f"{file}: cannot read ({why}); {DAMAGED}") from None
+    missing = [k for k in TRAIN_STATE_KEYS if k not in train_state] if isinstance(train_state, dict) else ["scaler"]
+    if missing:
+        raise InputError(f"{file}: entry '{missing[0]}': missing; {DAMAGED}")
+    return {"state": state, "model": model, "train": train_state}
+
+
+def check_same_run(cfg: Config, saved: dict, ckpt: str) -> None:
+    """Refuse a --resume whose run-defining settings differ from the interrupted run's; name the first."""
+    for f in dataclasses.fields(Config):
+        if f.name in MAY_DIFFER or f.name not in saved or getattr(cfg, f.name) == saved[f.name]:
+            continue
+        mine, theirs = (v if v != "" else repr(v) for v in (getattr(cfg, f.name), saved[f.name]))
+        raise InputError(f"--{f.name} {mine}: the interrupted run in {os.path.dirname(ckpt)} used {theirs}; "
+                         "leave the flag out to resume it, or start a new run with another --out")
+
+
+def resume_config(cfg: Config, given: set[str]) -> Config:
+    """--resume: the flags left out take the interrupted run's values; those given must agree with them."""
+    ckpt = find_checkpoint(cfg.resume)
+    saved = read_checkpoint(ckpt, tensors=False)["state"]["config"]
+    names = {f.name for f in dataclasses.fields(Config)}
+    keep = {k: v for k, v in saved.items() if k in names and k not in given}
+    keep.update(resume=cfg.resume, out=cfg.out if "out" in given else cfg.resume)
+    cfg = dataclasses.replace(cfg, **keep)
+    check_same_run(cfg, saved, ckpt)
+    return cfg
+
+
+def check_no_unfinished_run(out: str) -> None:
+    """A fresh run replaces the checkpoint in --out: refuse while it belongs to a run that can continue."""
+    for name in ("ckpt", "ckpt.old"):
+        try:
+            state = json.loads(Path(out, name, "state.json").read_bytes())
+            step, total = int(state["step"]), int(state["steps_total"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if step < total:
+            raise InputError(f"--out {out}: holds the checkpoint of an unfinished run (step {step} of {total}); "
+                             f"continue it with --resume {out}, or choose another --out")
+
+
 def train(
-    cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: bool = False
+    cfg: Config, data: dict | None = None, rt: dict | None = None, quiet: bool = False, checkpoints: bool = True
 ) -> dict:
-    """One training run; returns the summary dict (also written to <out>/summary.json on rank 0)."""
+    """One training run; returns the summary dict (also written to <out>/summary.json on rank 0), or
+    {"stopped_at_step": ...} after --stop_after_steps. The sweep passes checkpoints=False."""
     rt = rt or setup_runtime(cfg)
     ddp, rank, world, device = rt["ddp"], rt["rank"], rt["world"], rt["device"]
     master = rank == 0
     say = (lambda *a: print(*a, flush=True)) if master and not quiet else (lambda *a: None)
-    if cfg.batch_size % world:
-        raise SystemExit(f"--batch_size {cfg.batch_size} must be divisible by WORLD_SIZE {world}")
-    if cfg.clip not in ("code", "paper", "none"):
-        raise SystemExit(f"--clip must be code|paper|none, got {cfg.clip!r}")
     t_start = time.time()
+    ckpt = None
+    if cfg.resume:  # detail 12: every rank reads the checkpoint, all of it checked before anything is written
+        ckpt_dir = find_checkpoint(cfg.resume)
+        ckpt = read_checkpoint(ckpt_dir)
+        check_same_run(cfg, ckpt["state"]["config"], ckpt_dir)
+        if ckpt["state"]["dtype"] != rt["dtype"]:
+            was = ckpt["state"]["dtype"]
+            raise InputError(f"--dtype {cfg.dtype}: is {rt['dtype']} here, the interrupted run trained in {was}; "
+                             f"pass --dtype {was}")
+    same_folder = bool(cfg.resume) and os.path.realpath(cfg.out) == os.path.realpath(cfg.resume)
+    if checkpoints and not same_folder:
+        check_no_unfinished_run(cfg.out)
     if data is None:
         data = make_synthetic(cfg) if cfg.data == "synthetic" else load_preprocessed(cfg.data)
+    eval_name = "valid" if "valid" in data else "test"
+    for name in [s for s in ("valid", "test") if s in data]:  # one class: AUC is nan, so refuse up front
+        y = data[name][2]
+        if y.min() == y.max():
+            where = f"--n_test {cfg.n_test}" if cfg.data == "synthetic" else os.path.join(cfg.data, f"{name}_label.npy")
+            raise InputError(f"{where}: all {len(y)} {name} rows have label {y[0]:g}; AUC needs both classes")
+    n_train = len(data["train"][2])
+    steps_per_epoch = n_train // cfg.batch_size  # detail 8: drop the last incomplete batch
+    if steps_per_epoch == 0:  # checked before anything is written to --out
+        raise InputError(f"--batch_size {cfg.batch_size}: exceeds the {n_train} training rows; use a smaller batch")
+    if ckpt and (ckpt["state"]["n_train"], ckpt["state"]["field_dims"]) != (n_train, list(data["field_dims"])):
+        was = f"{ckpt['state']['n_train']} rows x {len(ckpt['state']['field_dims'])} fields"
+        raise InputError(f"--data {cfg.data}: {n_train} training rows x {len(data['field_dims'])} fields, the "
+                         f"interrupted run had {was} (or other vocabularies); resume on the same data")
     torch.manual_seed(cfg.seed)
     mlp = [int(h) for h in cfg.mlp.split(",") if h]
     raw = DeepFM(data["field_dims"], data["n_dense"], cfg.embed_dim, mlp, cfg.init_std).to(device)
+    if ckpt:  # before DDP wraps the model (it broadcasts rank 0's weights; every rank loads the same ones)
+        own = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+        if own != theirs:
+            k = next(k for k in sorted(own.keys() | theirs.keys()) if own.get(k) != theirs.get(k))
+            raise InputError(f"{ckpt_dir}/model.safetensors: tensor '{k}' has shape {theirs.get(k)}, this run "
+                             f"builds {own.get(k)}; {DAMAGED}")
+        raw.load_state_dict(ckpt["model"])
     raw.mlp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[rt["dtype"]]
     train_split = to_device(data["train"], raw.offsets, device)
-    eval_name = "valid" if "valid" in data else "test"
     eval_split = to_device(data[eval_name], raw.offsets, device)
     test_split = eval_split if eval_name == "test" else to_device(data["test"], raw.offsets, device)
-    n_train = len(train_split[2])
-    steps_per_epoch = n_train // cfg.batch_size  # detail 8: drop the last incomplete batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--batch_size {cfg.batch_size} exceeds the {n_train} training rows")
     hp = scaled_hparams(cfg)
     hp["warmup_steps"] = round(cfg.warmup_epochs * steps_per_epoch)
     hp["steps_per_epoch"] = steps_per_epoch
@@ -614,6 +897,28 @@ def train(
     if "test_true_logit" in data:  # detail 10: the hidden model's own predictions on the test rows
         tl, ty = torch.from_numpy(data["test_true_logit"]), torch.from_numpy(data["test"][2])
         bayes = {"auc": roc_auc(tl, ty), "logloss": log_loss(tl, ty)}
+    total_steps, step, start_epoch, start_batch = cfg.epochs * steps_per_epoch, 0, 0, 0
+    train_time, wall_before, history = 0.0, 0.0, []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    clip_stats, clip_total = [0, 0], [0, 0]
+    if ckpt:  # detail 12: continue exactly where the checkpoint was taken
+        st, ts = ckpt["state"], ckpt["train"]
+        step, start_epoch, start_batch = st["step"], st["epoch"], st["batch"]
+        if not (0 <= start_batch < steps_per_epoch and step == start_epoch * steps_per_epoch + start_batch):
+            raise InputError(f"{ckpt_dir}/state.json: step {step} is not epoch {start_epoch} batch {start_batch} "
+                             f"of {steps_per_epoch}; {DAMAGED}")
+        train_time, wall_before, history = st["train_time_s"], st["wall_s"], st["history"]
+        clip_stats, clip_total = st["clip_stats"], st["clip_total"]
+        opt_e.load_state_dict(ts["opt_embed"])  # Adam moments and step counts; lrs follow from `step`
+        opt_d.load_state_dict(ts["opt_dense"])
+        scaler.load_state_dict(ts["scaler"])
+        gen.set_state(ts["perm_gen"])  # the state before this epoch's permutation, which is drawn again
+        # nothing after the init draws from the global RNGs (no dropout; numpy and random are not used
+        # in training), so restoring them only keeps any future use exact
+        torch.set_rng_state(ts["rng_cpu"])
+        if device.type == "cuda" and ts["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(ts["rng_cuda"], device)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         save_json(
@@ -625,7 +930,16 @@ def train(
                 "dtype_resolved": rt["dtype"],
             },
         )
-        open(os.path.join(cfg.out, "metrics.jsonl"), "w").close()
+        if ckpt:  # the rows logged after the checkpoint are logged again below: cut them
+            src = os.path.join(cfg.resume, "metrics.jsonl")
+            head = Path(src).read_bytes()[: ckpt["state"]["metrics_bytes"]] if os.path.isfile(src) else b""
+            Path(metrics_path + ".tmp").write_bytes(head)
+            os.replace(metrics_path + ".tmp", metrics_path)
+        else:
+            open(metrics_path, "w").close()
+            if checkpoints:  # a finished run's checkpoint (an unfinished one was refused above)
+                for name in ("ckpt", "ckpt.old", "ckpt.tmp"):
+                    shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
     say(
         f"data: {n_train:,} train rows, {len(eval_split[2]):,} {eval_name} rows, "
         f"{sum(data['field_dims']):,} embedding rows, {len(data['field_dims'])} fields, "
@@ -639,19 +953,58 @@ def train(
         f"zeta {cfg.cowclip_zeta:g}"
     )
 
+    if ckpt:
+        say(f"resuming {ckpt_dir} at step {step}/{total_steps} (epoch {start_epoch + 1}, batch {start_batch})")
+
     def log(row: dict) -> None:
         if master:
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    total_steps, step, train_time, history = cfg.epochs * steps_per_epoch, 0, 0.0, []
+    def wall() -> float:  # seconds since the run began, the interrupted part included
+        return wall_before + time.time() - t_start
+
+    def checkpoint(epoch: int, batch: int, gen_state: torch.Tensor, trained_s: float) -> float:
+        """Detail 12: rank 0 writes <out>/ckpt/; returns the seconds it took (not training time)."""
+        if not (master and checkpoints):
+            return 0.0
+        t = time.time()
+        train_state = {
+            "opt_embed": opt_e.state_dict(),
+            "opt_dense": opt_d.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "perm_gen": gen_state,
+        }
+        state = {
+            "step": step,
+            "epoch": epoch,  # the epoch to continue, and the next batch within it
+            "batch": batch,
+            "steps_total": total_steps,
+            "config": dataclasses.asdict(cfg),
+            "dtype": rt["dtype"],
+            "world_size": world,
+            "n_train": n_train,
+            "field_dims": [int(d) for d in data["field_dims"]],
+            "metrics_bytes": os.path.getsize(metrics_path),  # metrics.jsonl up to here belongs to this state
+            "train_time_s": trained_s,
+            "wall_s": wall(),
+            "history": history,
+            "clip_stats": clip_stats,  # since the last logged row
+            "clip_total": clip_total,
+        }
+        save_checkpoint(cfg.out, raw.state_dict(), train_state, state)
+        return time.time() - t
+
     per_rank = cfg.batch_size // world
-    gen = torch.Generator().manual_seed(cfg.seed)
-    clip_stats, clip_total = [0, 0], [0, 0]
-    for epoch in range(cfg.epochs):
+    stop = False
+    for epoch in range(start_epoch, cfg.epochs):
+        # detail 12: the generator as it was before this epoch's permutation; a resume draws it again
+        gen_state = gen.get_state()
         perm = torch.randperm(n_train, generator=gen).to(device)  # same permutation on every rank
         t0 = time.time()
-        for i in range(steps_per_epoch):
+        for i in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
             # ---- warmup (detail 4)
             if hp["warmup_steps"]:
                 frac = min(1.0, step / hp["warmup_steps"])
@@ -687,7 +1040,7 @@ def train(
                     "lr_dense": opt_d.param_groups[0]["lr"],
                     "clip_frac": frac_clip,
                     "samples_per_s": sps,
-                    "wall_s": time.time() - t_start,
+                    "wall_s": wall(),
                 }
                 log(row)
                 say(
@@ -698,7 +1051,15 @@ def train(
                     f"| ETA {eta:.0f}s"
                 )
                 clip_stats = [0, 0]
+            # ---- checkpoint (detail 12); one at the last batch of an epoch waits for its evaluation
+            stop = step == cfg.stop_after_steps
+            if i < steps_per_epoch - 1 and (stop or (cfg.save_every and step % cfg.save_every == 0)):
+                t0 += checkpoint(epoch, i + 1, gen_state, train_time + time.time() - t0)
+                if stop:
+                    break
         train_time += time.time() - t0
+        if stop and step % steps_per_epoch:  # stopped inside the epoch, its checkpoint written
+            break
         # the unwrapped model: forward passes outside DDP issue no collectives of their own
         metrics = evaluate(raw, eval_split, ddp, rank, world)
         history.append({"epoch": epoch + 1, **metrics})
@@ -708,7 +1069,7 @@ def train(
                 "epoch": epoch + 1,
                 f"{eval_name}_auc": metrics["auc"],
                 f"{eval_name}_logloss": metrics["logloss"],
-                "wall_s": time.time() - t_start,
+                "wall_s": wall(),
             }
         )
         extra = f" (Bayes-optimal {bayes['auc']:.4f} / {bayes['logloss']:.4f})" if bayes else ""
@@ -716,6 +1077,12 @@ def train(
             f"epoch {epoch + 1}/{cfg.epochs}: {eval_name} AUC {metrics['auc']:.4f} "
             f"LogLoss {metrics['logloss']:.4f}{extra}"
         )
+        checkpoint(epoch + 1, 0, gen.get_state(), train_time)
+        if stop:
+            break
+    if stop:
+        say(f"stopped after step {step}/{total_steps} (--stop_after_steps); continue with --resume {cfg.out}")
+        return {"stopped_at_step": step, "steps": total_steps}
     final = evaluate(raw, test_split, ddp, rank, world)
     summary = {
         "auc": final["auc"],
@@ -724,7 +1091,7 @@ def train(
         "bayes_logloss": bayes["logloss"] if bayes else None,
         "samples_per_s": total_steps * cfg.batch_size / train_time,
         "train_time_s": train_time,
-        "total_time_s": time.time() - t_start,
+        "total_time_s": wall(),
         "steps": total_steps,
         "history": history,
         "batch_size": cfg.batch_size,
@@ -758,8 +1125,6 @@ def train(
 def sweep(cfg: Config) -> list[dict]:
     """CowClip's claim in miniature: the same epochs at 1K..128K, CowClip vs plain scaling rules."""
     rt = setup_runtime(cfg)
-    if rt["ddp"]:
-        raise SystemExit("--sweep runs in one process; launch it without torchrun")
     data = make_synthetic(cfg) if cfg.data == "synthetic" else load_preprocessed(cfg.data)
     rows = []
     n_train = len(data["train"][2])
@@ -777,7 +1142,7 @@ def sweep(cfg: Config) -> list[dict]:
                 clip=cfg.clip if rule == "cowclip" else "none",
                 out=os.path.join(cfg.out, f"{rule}_{b}"),
             )
-            s = train(run, data, rt, quiet=True)
+            s = train(run, data, rt, quiet=True, checkpoints=False)
             rows.append(
                 {
                     "rule": rule,
@@ -866,12 +1231,10 @@ AVAZU_COLUMNS = [
     "C20",
     "C21",
 ]
+CRITEO_COLUMNS = ["label", *CRITEO_INTS, *CRITEO_CATS]
 HEX8 = re.compile(r"[0-9a-f]{8}")
 INT = re.compile(r"-?[0-9]+")
-
-
-class BadRow(ValueError):
-    pass
+SKIP_HINT = "pass --skip_bad_rows to skip and count such rows"
 
 
 def bars_bucket(v: int) -> int:
@@ -882,15 +1245,20 @@ def bars_bucket(v: int) -> int:
 def parse_row(kind: str, fields: list[str], path: str, lineno: int) -> tuple[int, list, list[str]]:
     """Validate one raw row -> (label, dense ints or None for missing, categorical strings)."""
 
-    def bad(msg: str) -> BadRow:
-        return BadRow(f"{path}:{lineno}: {msg}")
+    def bad(msg: str) -> InputError:
+        return InputError(f"{path}:{lineno}: {msg}; fix the line, or {SKIP_HINT}")
 
+    columns = CRITEO_COLUMNS if kind == "criteo" else AVAZU_COLUMNS
+    if len(fields) != len(columns):
+        missing = f"field '{columns[len(fields)]}': missing; " if len(fields) < len(columns) else ""
+        sep = "tab" if kind == "criteo" else "comma"
+        layout = "label, I1-I13, C1-C26" if kind == "criteo" else f"{','.join(AVAZU_COLUMNS[:3])},..."
+        raise bad(f"{missing}expected {len(columns)} {sep}-separated fields ({layout}), got {len(fields)}")
+    label = fields[0 if kind == "criteo" else 1]
+    if label not in ("0", "1"):  # checked first: the leftmost bad field is the one reported
+        raise bad(f"field '{columns[0 if kind == 'criteo' else 1]}': expected 0 or 1, got {label!r}")
     if kind == "criteo":
-        if len(fields) != 40:
-            raise bad(
-                f"expected 40 tab-separated fields (label, I1-I13, C1-C26), got {len(fields)}"
-            )
-        label, ints, cats = fields[0], fields[1:14], fields[14:]
+        ints, cats = fields[1:14], fields[14:]
         dense = []
         for name, v in zip(CRITEO_INTS, ints):
             if v and not INT.fullmatch(v):
@@ -901,19 +1269,10 @@ def parse_row(kind: str, fields: list[str], path: str, lineno: int) -> tuple[int
                 raise bad(f"field '{name}': not an 8-digit lowercase hex id: {v!r}")
         names_cats = cats
     else:
-        if len(fields) != 24:
-            raise bad(
-                f"expected 24 comma-separated fields ({','.join(AVAZU_COLUMNS[:3])},...), got "
-                f"{len(fields)}"
-            )
-        label, dense = fields[1], []
+        dense = []
         if not re.fullmatch(r"[0-9]{8}", fields[2]):
             raise bad(f"field 'hour': expected YYMMDDHH, got {fields[2]!r}")
         names_cats = fields[2:]
-    if label not in ("0", "1"):
-        raise bad(
-            f"field '{'label' if kind == 'criteo' else 'click'}': expected 0 or 1, got {label!r}"
-        )
     return int(label), dense, names_cats
 
 
@@ -931,35 +1290,94 @@ def row_features(
     return [], toks + cats
 
 
+def open_raw(path: str):
+    """The raw file as bytes; gzip and xz are recognised by their magic bytes, whatever the name."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rb")
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+def decode_line(line: bytes, sep: str, columns: list[str], path: str, lineno: int) -> str:
+    """UTF-8 text of one line; a bad byte is reported with the field it falls in."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        k = line[: e.start].count(sep.encode())
+        field = f"field '{columns[k]}': " if k < len(columns) else ""
+        raise InputError(
+            f"{path}:{lineno}: {field}byte {line[e.start : e.start + 1]!r} is not UTF-8; "
+            f"re-save the file as UTF-8, or {SKIP_HINT}"
+        ) from None
+
+
 def iter_rows(kind: str, path: str, skip_bad: bool, bad_counter: list):
-    """Stream (lineno, label, dense, cats) from the raw file; never holds more than one line."""
-    with open(path, newline="") as f:
-        if kind == "avazu":
-            header = f.readline().rstrip("\r\n").split(",")
-            if header != AVAZU_COLUMNS:
-                raise BadRow(
-                    f"{path}:1: header is not the Avazu train header "
-                    f"({','.join(AVAZU_COLUMNS[:4])},...)"
-                )
-            reader, start = csv.reader(f), 2
-        else:
-            reader, start = (line.rstrip("\r\n").split("\t") for line in f), 1
-        for lineno, fields in enumerate(reader, start):
-            try:
-                yield (lineno, *parse_row(kind, fields, path, lineno))
-            except BadRow:
-                if not skip_bad:
-                    raise
-                bad_counter[0] += 1
+    """Stream (lineno, label, dense, cats) from the raw file; never holds more than one line.
+    Accepted as real downloads have them: gzip/xz, CRLF line ends, a UTF-8 BOM, blank lines."""
+    # Avazu has no quoted fields, so a plain split is its CSV and keeps line numbers exact
+    sep, columns = ("\t", CRITEO_COLUMNS) if kind == "criteo" else (",", AVAZU_COLUMNS)
+    header, lineno = kind == "avazu", 0
+    try:
+        with open_raw(path) as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip(b"\r\n")
+                if lineno == 1:
+                    line = line.removeprefix(codecs.BOM_UTF8)  # what encoding="utf-8-sig" drops
+                if not line:
+                    continue
+                if header:  # the first line of Avazu's train: checked, never skipped
+                    header = False
+                    if line.decode("utf-8", "replace").split(sep) != AVAZU_COLUMNS:
+                        raise InputError(
+                            f"{path}:{lineno}: not the Avazu train header ({','.join(AVAZU_COLUMNS[:4])},...); "
+                            "pass the unmodified train file"
+                        )
+                    continue
+                try:
+                    row = parse_row(kind, decode_line(line, sep, columns, path, lineno).split(sep), path, lineno)
+                except InputError:
+                    if not skip_bad:
+                        raise
+                    bad_counter[0] += 1
+                    continue
+                yield (lineno, *row)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # truncated or corrupt gzip / xz
+        # lineno + 1: the line that could not be read (a truncated download ends inside it)
+        why = "the file is truncated or corrupt; fetch it again"
+        raise InputError(f"{path}:{lineno + 1}: cannot read ({e}); {why}") from None
+
+
+def check_preprocess_paths(raw: str, data: str) -> None:
+    """--raw must be a file. --data is replaced as a whole, so it must be new, empty, or our own
+    earlier output (every entry listed in its meta.json): never delete what we did not write."""
+    if not os.path.exists(raw):
+        raise InputError(f"--raw {raw}: not found; name the raw train file")
+    if os.path.isdir(raw):
+        raise InputError(f"--raw {raw}: is a folder; name the raw train file inside it")
+    folder = Path(data)
+    if Path(raw).resolve().is_relative_to(folder.resolve()):
+        raise InputError(f"--data {data}: holds --raw {raw}; choose an empty or new --data folder")
+    check_output_path("data", data)
+    if not folder.is_dir():
+        return
+    try:
+        ours = set(json.loads((folder / "meta.json").read_bytes())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = None
+    for p in folder.rglob("*"):
+        name = p.relative_to(folder).as_posix()
+        if ours is None or name not in ours:
+            why = "is not empty" if ours is None else f"holds {name}, which --preprocess did not write"
+            raise InputError(f"--data {data}: {why}; choose an empty or new --data folder")
 
 
 def preprocess(cfg: Config) -> dict:
     """Two streaming passes: raw -> data/{split}_{ids,dense,label}.npy + meta.json + vocab/."""
     kind, enc = cfg.preprocess, cfg.encoding
-    if kind not in ("criteo", "avazu") or enc not in ("lbctr", "bars"):
-        raise SystemExit("--preprocess criteo|avazu with --encoding lbctr|bars")
-    if not os.path.exists(cfg.raw):
-        raise SystemExit(f"--raw {cfg.raw!r}: file not found")
+    check_preprocess_paths(cfg.raw, cfg.data)
     t0 = time.time()
     # ---- pass 1: count every token of every field (and dense min/max); validation happens here
     counts: list[dict] | None = None
@@ -978,7 +1396,8 @@ def preprocess(cfg: Config) -> dict:
         if n % 1_000_000 == 0:
             print(f"pass 1: {n:,} rows, {time.time() - t0:.0f}s", flush=True)
     if n == 0:
-        raise SystemExit(f"{cfg.raw}: no valid rows")
+        skipped = f" ({bad[0]} bad rows skipped)" if bad[0] else ""
+        raise InputError(f"{cfg.raw}: no data rows{skipped}; pass the raw train file")
     # ---- vocabularies: lbctr = sklearn LabelEncoder (sorted, all values); bars = OOV 0 + frequent
     if enc == "lbctr":
         vocabs = [sorted(c) for c in counts]
@@ -1001,9 +1420,13 @@ def preprocess(cfg: Config) -> dict:
     which[perm[:n_test]] = 2
     which[perm[n_test : n_test + n_valid]] = 1
     sizes = {"train": n - n_test - n_valid, "valid": n_valid, "test": n_test}
-    # ---- pass 2: encode into memory-mapped arrays inside a temp folder, renamed at the end
-    tmp = f"{cfg.data.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not sizes["train"] or not sizes["test"]:  # training and its final AUC need both
+        raise InputError(f"{cfg.raw}: {n} rows split into {sizes}; use more rows or other --test_frac / --valid_frac")
+    # ---- pass 2: encode into memory-mapped arrays in a fresh temp folder beside --data, renamed at the end
+    data = os.path.abspath(cfg.data)
+    os.makedirs(os.path.dirname(data), exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(data)}.tmp", dir=os.path.dirname(data))
+    tmp = os.path.join(stage, "new")
     os.makedirs(os.path.join(tmp, "vocab"))
     try:
         arrays = {}
@@ -1038,7 +1461,7 @@ def preprocess(cfg: Config) -> dict:
             if r % 1_000_000 == 0:
                 print(f"pass 2: {r:,}/{n:,} rows, {time.time() - t0:.0f}s", flush=True)
         if r != n:
-            raise SystemExit(f"{cfg.raw}: changed between the two passes ({n} then {r} rows)")
+            raise InputError(f"{cfg.raw}: changed between the two passes ({n} then {r} rows); rerun on a fixed copy")
         for a in arrays.values():
             for x in a:
                 x.flush()
@@ -1064,14 +1487,16 @@ def preprocess(cfg: Config) -> dict:
             "test_frac": cfg.test_frac,
             "valid_frac": cfg.valid_frac,
             "bad_rows_skipped": bad[0],
+            # the manifest: a rerun may replace this folder only while it holds nothing else
+            "files": sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*")) + ["meta.json"],
         }
         save_json(os.path.join(tmp, "meta.json"), meta)
-        if os.path.exists(cfg.data):
-            shutil.rmtree(cfg.data)
-        os.replace(tmp, cfg.data)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_preprocess_paths(cfg.raw, cfg.data)  # again: --data may have changed during the passes
+        if os.path.exists(data):
+            os.replace(data, os.path.join(stage, "old"))  # our earlier output, deleted with the stage
+        os.replace(tmp, data)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     print(
         f"preprocessed {n:,} rows ({bad[0]} bad rows skipped) -> {cfg.data}: {sizes}, "
         f"{sum(meta['field_dims']):,} embedding rows, {time.time() - t0:.0f}s"
@@ -1097,30 +1522,45 @@ def decode_dense(meta: dict, dense: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None, given_only: bool = False) -> Config | dict:
+    """The Config of a command line; with `given_only`, just {flag: value} of the flags it names."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+
+    def fail(message: str):  # argparse's own errors (a bad int, an unknown flag) take the same one-line path
+        raise InputError(f"{message}; see --help")
+
+    p.error = fail
     for f in dataclasses.fields(Config):
+        default = argparse.SUPPRESS if given_only else f.default
         if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
         else:
             typ = {"int": int, "float": float, "str": str}[
                 f.type if isinstance(f.type, str) else f.type.__name__
             ]
-            p.add_argument(f"--{f.name}", type=typ, default=f.default)
-    return Config(**vars(p.parse_args(argv)))
+            p.add_argument(f"--{f.name}", type=typ, default=default)
+    args = vars(p.parse_args(argv))
+    return args if given_only else Config(**args)
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        check_config(cfg, world)
+        if cfg.resume:  # detail 12: flags left out come from the checkpoint; check the merged settings again
+            cfg = resume_config(cfg, set(parse_args(argv, given_only=True)))
+            check_config(cfg, world)
         if cfg.preprocess:
             preprocess(cfg)
         elif cfg.sweep:
             sweep(cfg)
         else:
             train(cfg)
-    except BadRow as e:
-        raise SystemExit(f"error: {e} (pass --skip_bad_rows to skip and count such rows)") from None
+    except InputError as e:  # the one place an input error becomes a message; bugs keep their traceback
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank sees the same input: one line, not WORLD_SIZE
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

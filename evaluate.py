@@ -13,29 +13,40 @@ black-box mode), or both.
     python evaluate.py --tasks toy_humaneval --allow_code_execution   # runs model-written code (subprocesses)
     torchrun --nproc_per_node=2 evaluate.py                       # requests split across ranks, same scores
 
-Implementation details (numbers appear at the lines that implement them; refs are sections of
-shared/reference/evaluation.md):
- 1. Task registry: a plain dict of TaskSpec (category, loader for the public file layout, shots and exemplar
-    source, CoT, template, decoding, stop strings, extraction, metrics). Groups: fathom, mistral_plus and ice_grt
-    (reconstructed, unverified: ref c), toy (default).
- 2. Exemplars are the first k items of a fixed file (GPT-Fathom, ref b.1); `--fewshot_seeds` draws one seeded
-    exemplar set per seed instead and reports mean +- std across seeds (prompt sensitivity, lm-eval #1044).
+Sources cited below: GPT-Fathom = the paper (arXiv 2309.16583) and its code, github.com/GPT-Fathom/GPT-Fathom
+(README, evals/elsuite/**, evals/registry/evals/*.yaml); lm-eval = github.com/EleutherAI/lm-evaluation-harness
+(files by their path in it; issues and pull requests by URL). The benchmark-file readers are in benchmarks.py.
+
+Implementation details (numbers appear at the lines that implement them):
+ 1. Task registry: a plain dict of TaskSpec (category, loader of benchmarks.py for the public file layout, shots
+    and exemplar source, CoT, template, decoding, stop strings, extraction, metrics). Groups: fathom, toy
+    (default), and mistral_plus / ice_grt, reconstructed from GPT-Fathom's English set to the task counts in the
+    abstracts of Mistral-Plus (arXiv 2403.02513, 11 tasks) and ICE-GRT (arXiv 2401.02072, 12): unverified.
+ 2. Exemplars are the first k items of a fixed file (GPT-Fathom, e.g. make_few_shot_prompt in
+    evals/elsuite/basic/multiple_choice.py); `--fewshot_seeds` draws one seeded exemplar set per seed instead and
+    reports mean +- std across seeds (prompt sensitivity; lm-eval then had no option for the few-shot seed:
+    https://github.com/EleutherAI/lm-evaluation-harness/issues/1044).
  3. Context-window rule: drop exemplars one at a time until prompt + continuation (or max_new_tokens) fits,
-    and count the items that lost shots (GPT-Fathom's "OUT OF WINDOW" flag, ref a).
- 4. Log-likelihood (ref g): trailing spaces of the context move into the continuation, BOS once at the token
-    level, the pair is tokenised whole and split; requests are sorted longest first, right padded and batched;
-    log-softmax in fp32 over continuation positions only (the LM head runs on those positions only).
+    and count the items that lost shots (GPT-Fathom's "OUT OF WINDOW" flag, evals/elsuite/basic/*.py).
+ 4. Log-likelihood as lm-eval's lm_eval/models/huggingface.py (_encode_pair, _loglikelihood_tokens): trailing
+    spaces of the context move into the continuation, BOS once at the token level, the pair is tokenised whole
+    and split; requests are sorted longest first, right padded and batched; log-softmax in fp32 over
+    continuation positions only (the LM head runs on those positions only).
  5. Requests that share (context + continuation[:-1]) share one forward pass: the four single-token letters of
-    an MMLU question cost one forward (lm-eval's logits cache, PR #631). 5b: multi-token choices of one
-    question share one pass over the context into the KV cache, copied per choice (lm-eval #1351 asks for it).
+    an MMLU question cost one forward (lm-eval's logits cache:
+    https://github.com/EleutherAI/lm-evaluation-harness/pull/631). 5b: multi-token choices of one question share
+    one pass over the context into the KV cache, copied per choice (lm-eval runs the context once per choice:
+    https://github.com/EleutherAI/lm-evaluation-harness/issues/1351).
  6. acc = argmax of summed log-likelihood; acc_norm = argmax of log-likelihood / character length of the choice
-    string (lm-eval's definition; ref d).
+    string (lm-eval's definition, process_results in lm_eval/api/task.py).
  7. Generation: left-padded batches sorted by length, greedy with the KV cache of model.py, stopped per row on
     EOS or a stop string (checked on the decoded text every step) and truncated at the first stop string.
     model.generate has no stop strings, so the decode loop lives here; it equals model.generate (tested).
     On a short-context model, max_new_tokens is capped at half the window (the toy model has 256 positions).
  8. Extraction: GSM8K strict ("The answer is N" / "#### N") and flexible (last number) with unparsed rates
-    (lm-eval #1159); MC letters take the first "(X)" (GPT-Fathom R-MC) but compare by equality, not
+    (lm-eval's gsm8k strict-match / flexible-extract, proposed in
+    https://github.com/EleutherAI/lm-evaluation-harness/issues/1159);
+    MC letters take the first "(X)" (GPT-Fathom's rule, "R-MC" in TASKS) but compare by equality, not
     starts-with; QA reports exact match, SQuAD F1 and GPT-Fathom's fuzzy match as separately named metrics.
  9. pass@k: the Codex paper's unbiased estimator 1 - C(n-c, k) / C(n, k) in its stable product form.
 10. Code runs only with --allow_code_execution: one subprocess per program (`python -I`), in a temporary
@@ -57,10 +68,8 @@ shared/reference/evaluation.md):
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -80,6 +89,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import LETTERS, LOADERS, clean_number, extract_boxed, sha256_path
 from common import (
     InputError,
     autocast_ctx,
@@ -89,7 +99,6 @@ from common import (
     init_distributed,
     output_dir,
     parse_config,
-    read_jsonl,
     read_text,
     resolve_device_dtype,
     text_lines,
@@ -176,7 +185,8 @@ def f1_score(pred: str, golds: list[str]) -> float:
 
 def fuzzy_match(pred: str, golds: list[str]) -> float:
     """GPT-Fathom / OpenAI-Evals FuzzyMatch: normalised prediction is a substring of a gold or the reverse.
-    Named separately because it is lenient ("18" matches "180"): ref a, note on "EM"."""
+    Named separately because it is lenient ("18" matches "180"), although GPT-Fathom's README calls its metrics
+    "Exact Match" (evals/elsuite/basic/fuzzy_match.py)."""
     p = normalize_answer(pred)
     return float(any((p in normalize_answer(g) or normalize_answer(g) in p) and (p or not g) for g in golds))
 
@@ -222,11 +232,9 @@ def truncate_at_stops(text: str, stops: list[str] | tuple[str, ...]) -> str:
     return text[:cut]
 
 
-LETTERS = string.ascii_uppercase
-
-
 def extract_mc_letter(text: str, n_choices: int = 26) -> str | None:
-    """GPT-Fathom R-MC: the first "(X)" anywhere; else a leading letter followed by a non-letter."""
+    """GPT-Fathom's MC rule ("R-MC"; MultipleChoice.post_process in evals/elsuite/basic/multiple_choice.py): the
+    first "(X)" anywhere; else a leading letter followed by a non-letter (GPT-Fathom: the whole stripped output)."""
     valid = LETTERS[:n_choices]
     m = re.search(r"\(([A-Z])\)", text)
     if m and m.group(1) in valid:
@@ -251,43 +259,18 @@ def extract_qa(text: str) -> str | None:
 _NUM = r"-?[\d,]*\.?\d+"
 
 
-def _clean_number(s: str) -> str:
-    s = s.replace(",", "").replace("$", "").rstrip(".")
-    try:
-        v = float(s)
-    except ValueError:
-        return s
-    return str(int(v)) if v == int(v) else str(v)
-
 
 def extract_gsm8k_strict(text: str) -> str | None:
     """Strict: the number right after "The answer is" or "####" (the formats the exemplars teach)."""
     m = re.search(r"(?:The answer is|####)\s*\$?(" + _NUM + ")", text)
-    return _clean_number(m.group(1)) if m else None
+    return clean_number(m.group(1)) if m else None
 
 
 def extract_last_number(text: str) -> str | None:
     """Flexible: the last number in the output; signs, decimals, "$" and thousands separators handled."""
     nums = re.findall(_NUM, text.replace("$", ""))
     nums = [n for n in nums if re.search(r"\d", n)]
-    return _clean_number(nums[-1]) if nums else None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Contents of the last \\boxed{...} (braces balanced), as in Hendrycks' MATH."""
-    i = text.rfind("\\boxed")
-    if i < 0:
-        m = re.search(r"The answer is\s*\$?([^$\n]+?)\$?\.?\s*$", text.strip())
-        return m.group(1).strip() if m else None
-    j = text.find("{", i)
-    if j < 0:
-        return None
-    depth = 0
-    for k in range(j, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[j + 1:k]
-    return None
+    return clean_number(nums[-1]) if nums else None
 
 
 def normalize_math(s: str) -> str:
@@ -316,423 +299,8 @@ def is_toxic(text: str, pattern: re.Pattern | None) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: readers for the public layouts (ref e). Every loader returns docs {id, subset, ...}.
-
-
-DataError = InputError  # a malformed data file; the message names file, line and field
-
-
-class MissingTaskFile(InputError):
-    """A benchmark file is not where the registry expects it (--skip_missing reports the task as skipped)."""
-
-
-def read_json_rows(path: Path) -> list[tuple[int, dict]]:
-    """A .jsonl file, or a .json file holding a list of objects (MBPP sanitized, BBH); 'line' = item number."""
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if isinstance(data, dict) and "examples" in data:  # BBH: {"canary": ..., "examples": [...]}
-        data = data["examples"]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{path}:1: expected a list of JSON objects")
-    return [(i, r) for i, r in enumerate(data, 1)]
-
-
-_TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer"}
-
-
-def get(row: dict, name: str, where: str, typ: type | tuple | None = None, parent: str = "") -> Any:
-    """row[name] or a DataError naming file:line and the field (parent.name for nested fields)."""
-    name_shown = f"{parent}.{name}" if parent else name
-    if name not in row:
-        raise DataError(f"{where}: field {name_shown!r} missing")
-    v = row[name]
-    if typ is not None and not isinstance(v, typ):
-        want = _TYPE_NAMES.get(typ, str(typ)) if isinstance(typ, type) else " or ".join(
-            _TYPE_NAMES.get(t, str(t)) for t in typ)
-        raise DataError(f"{where}: field {name_shown!r} must be {want}, got {type(v).__name__}")
-    return v
-
-
-def files_in(path: Path, pattern: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob(pattern))
-    if not files:
-        raise DataError(f"{path}: no files matching {pattern!r}")
-    return files
-
-
-def _subset_name(p: Path) -> str:
-    return re.sub(r"_(test|dev|val|validation|train)$", "", p.stem)
-
-
-def _letter_gold(ans: Any, n: int, where: str, name: str = "answer") -> int:
-    if not isinstance(ans, str) or len(ans.strip()) != 1 or LETTERS.find(ans.strip()) not in range(n):
-        raise DataError(f"{where}: field {name!r} must be one of {LETTERS[:n]}, got {ans!r}")
-    return LETTERS.index(ans.strip())
-
-
-def load_mmlu_csv(path: Path) -> list[dict]:
-    """MMLU original release: data/{test,dev}/<subject>_{test,dev}.csv, no header, question,A,B,C,D,answer."""
-    docs = []
-    for f in files_in(path, "*.csv"):
-        reader = csv.reader(io.StringIO(read_text(f)))  # BOM, CRLF, .gz handled; quoted newlines kept
-        for row in reader:
-            where = f"{f}:{reader.line_num}"
-            if not any(c.strip() for c in row):  # a blank line (many files end with one)
-                continue
-            if len(row) != 6:
-                raise DataError(f"{where}: expected 6 columns (question,A,B,C,D,answer), got {len(row)}")
-            docs.append({"id": f"{_subset_name(f)}-{len(docs)}", "subset": _subset_name(f),
-                         "question": row[0], "choices": row[1:5],
-                         "gold": _letter_gold(row[5], 4, where, "answer (column 6)")})
-    return docs
-
-
-def load_ceval_csv(path: Path) -> list[dict]:
-    """C-Eval: <subject>_{val,dev}.csv with a header id,question,A,B,C,D,answer[,explanation]."""
-    docs = []
-    for f in files_in(path, "*.csv"):
-        reader = csv.DictReader(io.StringIO(read_text(f)))  # DictReader skips blank lines itself
-        for row in reader:
-            where = f"{f}:{reader.line_num}"
-            q = get(row, "question", where, str)
-            choices = [get(row, k, where, str) for k in "ABCD"]
-            docs.append({"id": f"{_subset_name(f)}-{row.get('id', len(docs))}", "subset": _subset_name(f),
-                         "question": q, "choices": choices, "gold": _letter_gold(row.get("answer"), 4, where)})
-    return docs
-
-
-def load_arc(path: Path) -> list[dict]:
-    """HF allenai/ai2_arc: id, question, choices{text[], label[]}, answerKey."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        ch = get(row, "choices", where, dict)
-        texts = get(ch, "text", where, list, parent="choices")
-        labels = get(ch, "label", where, list, parent="choices")
-        key = get(row, "answerKey", where, str)
-        if key not in labels:
-            raise DataError(f"{where}: field 'answerKey' {key!r} is not among choices.label {labels}")
-        docs.append({"id": str(row.get("id", i)), "subset": "", "question": get(row, "question", where, str),
-                     "choices": texts, "gold": labels.index(key)})
-    return docs
-
-
-def _hellaswag_preprocess(text: str) -> str:
-    """lm-eval's cleanup of WikiHow artefacts (lm-evaluation-harness lm_eval/tasks/hellaswag/utils.py)."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def load_hellaswag(path: Path) -> list[dict]:
-    """HF Rowan/hellaswag: activity_label, ctx_a, ctx_b, endings (4), label (a string "0".."3").
-
-    Query, choices and gold are lm-eval's process_docs (lm_eval/tasks/hellaswag/utils.py), character for
-    character: ctx_b goes through str.capitalize(), which also lower-cases the rest of ctx_b ("Pours WATER"
-    -> "pours water"); keeping ctx_b's case would score different text from every published lm-eval number."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        ctx = get(row, "ctx_a", where, str) + " " + get(row, "ctx_b", where, str).capitalize()
-        endings = get(row, "endings", where, list)
-        if len(endings) != 4 or not all(isinstance(e, str) for e in endings):  # chance is 1/4 on every item
-            raise DataError(f"{where}: field 'endings' must be a list of 4 strings, got {len(endings)} items")
-        label = get(row, "label", where)
-        if isinstance(label, bool) or str(label) not in ("0", "1", "2", "3"):  # HF's test split has label ""
-            raise DataError(f"{where}: field 'label' must be '0', '1', '2' or '3', got {label!r} "
-                            "(the test split is unlabelled: score the validation split)")
-        docs.append({"id": str(row.get("ind", i)), "subset": "",
-                     "question": _hellaswag_preprocess(get(row, "activity_label", where, str) + ": " + ctx),
-                     "choices": [_hellaswag_preprocess(e) for e in endings], "gold": int(label)})
-    return docs
-
-
-def load_winogrande(path: Path) -> list[dict]:
-    """WinoGrande: qID, sentence (one "_"), option1, option2, answer ("1"/"2")."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        sent = get(row, "sentence", where, str)
-        if sent.count("_") != 1:
-            raise DataError(f"{where}: field 'sentence' must contain exactly one '_'")
-        ans = str(get(row, "answer", where))
-        if ans not in ("1", "2"):
-            raise DataError(f"{where}: field 'answer' must be '1' or '2', got {ans!r}")
-        docs.append({"id": str(row.get("qID", i)), "subset": "", "question": sent,
-                     "choices": [get(row, "option1", where, str), get(row, "option2", where, str)],
-                     "gold": int(ans) - 1})
-    return docs
-
-
-def load_lambada(path: Path) -> list[dict]:
-    """LAMBADA (OpenAI jsonl): text; the target is the last whitespace-separated word."""
-    docs = []
-    for i, row in read_jsonl(path):
-        text = get(row, "text", f"{path}:{i}", str).strip()
-        if " " not in text:
-            raise DataError(f"{path}:{i}: field 'text' has no last word to predict")
-        ctx, word = text.rsplit(" ", 1)
-        docs.append({"id": str(i), "subset": "", "question": ctx, "golds": [word], "text": text})
-    return docs
-
-
-def load_triviaqa(path: Path) -> list[dict]:
-    """HF trivia_qa rc.nocontext: question, question_id, answer{value, aliases[], normalized_aliases[]}."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        ans = get(row, "answer", where, dict)
-        golds = list(dict.fromkeys([get(ans, "value", where, str, parent="answer")] + list(ans.get("aliases", []))
-                                   + list(ans.get("normalized_aliases", []))))
-        docs.append({"id": str(row.get("question_id", i)), "subset": "",
-                     "question": get(row, "question", where, str), "golds": golds})
-    return docs
-
-
-def load_qa_list(path: Path) -> list[dict]:
-    """NQ-open (question, answer[]) , WebQuestions (question, answers[]) and NQ short-QA (answers[])."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        key = "answer" if "answer" in row else "answers"
-        golds = get(row, key, where, (list, str))
-        golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
-        if not golds:
-            raise DataError(f"{where}: field {key!r} is empty")
-        docs.append({"id": str(i), "subset": "", "question": get(row, "question", where, str), "golds": golds})
-    return docs
-
-
-def load_race(path: Path) -> list[dict]:
-    """HF ehovy/race: example_id, article, question, options (4), answer (letter)."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        opts = get(row, "options", where, list)
-        docs.append({"id": str(row.get("example_id", i)), "subset": "", "passage": get(row, "article", where, str),
-                     "question": get(row, "question", where, str), "choices": opts,
-                     "gold": _letter_gold(get(row, "answer", where), len(opts), where)})
-    return docs
-
-
-def load_drop(path: Path) -> list[dict]:
-    """HF ucinlp/drop: passage, question, answers_spans{spans[]}."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        spans = get(get(row, "answers_spans", where, dict), "spans", where, list, parent="answers_spans")
-        docs.append({"id": str(row.get("query_id", i)), "subset": "", "passage": get(row, "passage", where, str),
-                     "question": get(row, "question", where, str), "golds": [str(s) for s in spans]})
-    return docs
-
-
-def load_gsm8k(path: Path) -> list[dict]:
-    """GSM8K: question, answer (worked solution with <<calc>> notes, last line "#### N")."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        ans = get(row, "answer", where, str)
-        if "####" not in ans:
-            raise DataError(f"{where}: field 'answer' has no '#### N' final line")
-        cot, final = ans.rsplit("####", 1)
-        cot = re.sub(r"<<.*?>>", "", cot).strip().replace("\n", " ")  # calculator notes are not prose
-        docs.append({"id": str(i), "subset": "", "question": get(row, "question", where, str),
-                     "cot": cot, "golds": [_clean_number(final.strip())]})
-    return docs
-
-
-def load_math(path: Path) -> list[dict]:
-    """Hendrycks MATH: one JSON per problem under <split>/<type>/N.json (problem, level, type, solution),
-    or a JSONL with the same fields."""
-    docs = []
-    files = [path] if path.is_file() else sorted(path.rglob("*.json"))
-    if not files:
-        raise DataError(f"{path}: no *.json problem files")
-    for f in files:
-        rows = read_jsonl(f) if f.suffix == ".jsonl" else [(1, _read_json_object(f))]
-        for i, row in rows:
-            where = f"{f}:{i}"
-            sol = get(row, "solution", where, str)
-            gold = extract_boxed(sol)
-            if gold is None:
-                raise DataError(f"{where}: field 'solution' has no \\boxed{{...}} answer")
-            docs.append({"id": f"{f.parent.name}/{f.stem}" + (f"-{i}" if f.suffix == ".jsonl" else ""),
-                         "subset": str(row.get("type", "")), "question": get(row, "problem", where, str),
-                         "cot": sol, "golds": [gold]})
-    return docs
-
-
-def _read_json_object(f: Path) -> dict:
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise DataError(f"{f}:1: expected a JSON object")
-    return d
-
-
-def load_humaneval(path: Path) -> list[dict]:
-    """openai/human-eval data/HumanEval.jsonl.gz, the file as distributed (read_jsonl opens .gz; the registry
-    expects that name): task_id, prompt, canonical_solution, test, entry_point. The program run is human-eval's
-    check_program: prompt + completion + test + check(entry_point) (code_program)."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        docs.append({"id": get(row, "task_id", where, str), "subset": "", "prompt": get(row, "prompt", where, str),
-                     "test": get(row, "test", where, str) + f"\ncheck({get(row, 'entry_point', where, str)})\n",
-                     "solution": row.get("canonical_solution", "")})
-    return docs
-
-
-def load_mbpp(path: Path) -> list[dict]:
-    """MBPP: mbpp.jsonl (text, code, test_list, test_setup_code) or sanitized-mbpp.json (prompt, code,
-    test_list, test_imports). All asserts are run (GPT-Fathom runs only the first: ref a, a bug)."""
-    docs = []
-    for i, row in read_json_rows(path):
-        where = f"{path}:{i}"
-        text = row["text"] if "text" in row else get(row, "prompt", where, str)
-        tests = get(row, "test_list", where, list)
-        setup = row.get("test_setup_code") or "\n".join(row.get("test_imports", []))
-        docs.append({"id": str(get(row, "task_id", where, int)), "subset": "", "question": text,
-                     "tests": [str(t) for t in tests], "solution": get(row, "code", where, str),
-                     "test": setup + "\n" + "\n".join(tests) + "\n", "task_id": row["task_id"]})
-    return docs
-
-
-def load_mgsm_tsv(path: Path) -> list[dict]:
-    """MGSM (google-research/url-nlp): mgsm_<lang>.tsv, no header, question <TAB> answer_number."""
-    docs = []
-    for f in files_in(path, "mgsm_*.tsv"):
-        lang = f.stem.removeprefix("mgsm_")
-        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise DataError(f"{f}:{i}: expected 2 tab-separated columns (question, answer_number), "
-                                f"got {len(parts)}")
-            docs.append({"id": f"{lang}-{i}", "subset": lang, "question": parts[0],
-                         "golds": [_clean_number(parts[1].strip())]})
-    return docs
-
-
-def load_mgsm_exemplars(path: Path) -> list[dict]:
-    """MGSM exemplars (HF juletxara/mgsm train split, one <lang>.jsonl each): question, answer (CoT),
-    answer_number."""
-    docs = []
-    for f in files_in(path, "*.jsonl"):
-        for i, row in read_jsonl(f):
-            where = f"{f}:{i}"
-            q = re.sub(r"^\S+:\s*", "", get(row, "question", where, str), count=1)  # drop "Question:"
-            cot = re.sub(r"^[^:\n]*:\s*", "", get(row, "answer", where, str), count=1)  # "Step-by-Step Answer:"
-            docs.append({"id": f"{f.stem}-{i}", "subset": f.stem, "question": q, "cot": cot,
-                         "golds": [_clean_number(str(get(row, "answer_number", where)))]})
-    return docs
-
-
-def load_tydiqa(path: Path) -> list[dict]:
-    """HF tydiqa secondary_task (GoldP): id (language prefix), context, question, answers{text[]}."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        rid = get(row, "id", where, str)
-        texts = get(get(row, "answers", where, dict), "text", where, list, parent="answers")
-        docs.append({"id": rid, "subset": rid.split("-")[0], "question": get(row, "question", where, str),
-                     "passage": get(row, "context", where, str), "golds": [str(t) for t in texts]})
-    return docs
-
-
-def load_agieval(path: Path, subsets: tuple[str, ...] = ()) -> list[dict]:
-    """AGIEval v1: <subset>.jsonl with passage, question, options ["(A)...", ...], label (letter)."""
-    docs = []
-    files = [path / f"{s}.jsonl" for s in subsets] if subsets else files_in(path, "*.jsonl")
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"{f}: file missing (AGIEval subset {f.stem})")
-        for i, row in read_jsonl(f):
-            where = f"{f}:{i}"
-            opts = [re.sub(r"^\s*\(?[A-J]\)\s*", "", o) for o in get(row, "options", where, list)]
-            docs.append({"id": f"{f.stem}-{i}", "subset": f.stem, "passage": row.get("passage") or "",
-                         "question": get(row, "question", where, str), "choices": opts,
-                         "gold": _letter_gold(get(row, "label", where), len(opts), where, "label")})
-    return docs
-
-
-def load_bbh(path: Path) -> list[dict]:
-    """BIG-Bench Hard: <task>.json {"canary", "examples": [{input, target}]}."""
-    docs = []
-    for f in files_in(path, "*.json"):
-        for i, row in read_json_rows(f):
-            where = f"{f}:{i}"
-            docs.append({"id": f"{f.stem}-{i}", "subset": f.stem, "question": get(row, "input", where, str),
-                         "golds": [str(get(row, "target", where))]})
-    return docs
-
-
-def load_bbh_prompts(path: Path) -> list[dict]:
-    """BBH cot-prompts/<task>.txt: canary line(s), "-----", then the description and 3 Q/A exemplars."""
-    docs = []
-    for f in files_in(path, "*.txt"):
-        text = f.read_text(encoding="utf-8")
-        if "-----" not in text:
-            raise DataError(f"{f}:1: no '-----' line separating the canary from the prompt")
-        docs.append({"id": f.stem, "subset": f.stem, "prefix": text.split("-----", 1)[1].strip()})
-    return docs
-
-
-def load_truthfulqa_mc(path: Path) -> list[dict]:
-    """HF truthful_qa multiple_choice: question, mc1_targets{choices[], labels[]} (exactly one 1)."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        mc1 = get(row, "mc1_targets", where, dict)
-        choices, labels = get(mc1, "choices", where, list, parent="mc1_targets"), get(mc1, "labels", where, list)
-        if len(choices) != len(labels) or sum(labels) != 1:
-            raise DataError(f"{where}: field 'mc1_targets' needs one label 1 per choices list")
-        docs.append({"id": str(i), "subset": "", "question": get(row, "question", where, str),
-                     "choices": choices, "gold": labels.index(1)})
-    return docs
-
-
-def load_rtp(path: Path) -> list[dict]:
-    """RealToxicityPrompts: prompt{text, ...}, continuation{...}; we continue prompt.text."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        docs.append({"id": str(i), "subset": "", "prompt": get(get(row, "prompt", where, dict), "text",
-                                                             where, str, parent="prompt")})
-    return docs
-
-
-def load_hh_prompts(path: Path, kind: str = "red_team") -> list[dict]:
-    """HH-RLHF-style prompt files ({"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "kind"}); one kind."""
-    docs = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        p = get(row, "prompt", where, str)
-        if row.get("kind", kind) == kind:
-            docs.append({"id": str(i), "subset": "", "prompt": p})
-    return docs
-
-
-LOADERS: dict[str, Callable[..., list[dict]]] = {
-    "mmlu_csv": load_mmlu_csv, "ceval_csv": load_ceval_csv, "arc": load_arc, "hellaswag": load_hellaswag,
-    "winogrande": load_winogrande, "lambada": load_lambada, "triviaqa": load_triviaqa, "qa_list": load_qa_list,
-    "race": load_race, "drop": load_drop, "gsm8k": load_gsm8k, "math": load_math, "humaneval": load_humaneval,
-    "mbpp": load_mbpp, "mgsm_tsv": load_mgsm_tsv, "mgsm_exemplars": load_mgsm_exemplars, "tydiqa": load_tydiqa,
-    "agieval": load_agieval, "bbh": load_bbh, "bbh_prompts": load_bbh_prompts,
-    "truthfulqa_mc": load_truthfulqa_mc, "rtp": load_rtp, "hh_prompts": load_hh_prompts,
-}
-
-# ----------------------------------------------------------------------------------------------------------
-# Task registry (detail 1; settings from ref a/b: GPT-Fathom's main "aligned" table)
+# Task registry (detail 1): GPT-Fathom's aligned settings, from its README's main table
+# (assets/figures/main_results.png) and its registry (evals/registry/evals/*.yaml)
 
 
 @dataclass(frozen=True)
@@ -742,7 +310,7 @@ class TaskSpec:
     loader: str  # key of LOADERS: the public file layout
     path: str  # test file or folder, relative to the root
     fmt: str  # prompt format: mc | qa | cloze | math | rc | bbh | code | toxicity
-    shots: int = 1  # GPT-Fathom's default is 1-shot (ref b.3)
+    shots: int = 1  # GPT-Fathom's default is 1-shot (its README, 'Number of "shots"')
     fewshot: str = ""  # exemplar file/folder; "head:N" = first N test items (removed from the test set)
     fewshot_loader: str = ""  # loader of the exemplar file when it differs from `loader`
     loader_args: tuple = ()  # (name, value) pairs for the loader (subset lists, prompt kind)
@@ -917,11 +485,11 @@ TASKS.update({t.name: t for t in TOY_TASKS})
 GROUPS: dict[str, list[str]] = {
     "fathom": [n for n, t in TASKS.items() if t.root == "bench" and n != "mmlu_cloze"],  # not a Fathom setting
     # Mistral-Plus (arXiv 2403.02513) "11 general tasks" and ICE-GRT (arXiv 2401.02072) "12": RECONSTRUCTED
-    # from GPT-Fathom's English set (ref c); the papers' tables were not available to check membership.
+    # from GPT-Fathom's English set; the papers' tables were not available to check membership.
     "mistral_plus": ["mmlu", "agieval_en", "bbh", "arc_easy", "arc_challenge", "hellaswag", "winogrande",
                      "race_m", "race_h", "gsm8k", "math"],
     "ice_grt": ["mmlu", "agieval_en", "bbh", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "race_m",
-                "race_h", "gsm8k", "math", "triviaqa"],  # the 12th task is a guess (ref c)
+                "race_h", "gsm8k", "math", "triviaqa"],  # the 12th task is a guess
     "toy": [t.name for t in TOY_TASKS],
 }
 RECONSTRUCTED_GROUPS = {"mistral_plus", "ice_grt"}
@@ -944,6 +512,10 @@ def resolve_tasks(spec: str) -> list[TaskSpec]:
 # Loading a task's data once for all models (aligned settings: same items, same exemplars)
 
 
+class MissingTaskFile(InputError):
+    """A benchmark file is not where the registry expects it (--skip_missing reports the task as skipped)."""
+
+
 @dataclass
 class TaskData:
     spec: TaskSpec
@@ -952,16 +524,6 @@ class TaskData:
     files: dict[str, str]  # path -> sha256
     skipped: str = ""  # reason when the task is skipped
     n_before_limit: int = 0  # test items before --limit / the toy cap (a deviation when it cuts)
-
-
-def sha256_path(p: Path) -> str:
-    h = hashlib.sha256()
-    for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
-        h.update(f.relative_to(p).as_posix().encode() if p.is_dir() else b"")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def load_task(spec: TaskSpec, cfg: EvalConfig) -> TaskData:
@@ -993,7 +555,7 @@ def load_task(spec: TaskSpec, cfg: EvalConfig) -> TaskData:
     if limit:
         docs = docs[:limit]
     if not docs:
-        raise DataError(f"{path}: no test items for {spec.name}")
+        raise InputError(f"{path}: no test items for {spec.name}")
     if spec.shuffle_seed >= 0:  # fixed per-item permutation (the gold of TruthfulQA mc1 is always first)
         docs = [_shuffled(d, spec.shuffle_seed) for d in docs]
         pool = [_shuffled(d, spec.shuffle_seed) for d in pool]
@@ -1007,7 +569,7 @@ def _shuffled(doc: dict, seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompt rendering. One template per format; GPT-Fathom's layouts for generation (ref a, "Prompt templates"),
+# Prompt rendering. One template per format; GPT-Fathom's layouts for generation (its evals/elsuite/** classes),
 # lm-eval's for log-likelihood. Exemplars are joined by a blank line after the instruction.
 
 
@@ -1245,7 +807,7 @@ class LM:
                            what: str) -> dict[int, tuple[float, bool]]:
         """Requests sharing a context: one forward over the (left-padded) contexts into the KV cache, the cache
         rows copied once per continuation, then one forward over the (right-padded) continuations.
-        lm-eval recomputes the context per choice (lm-eval #1351); this is the 4x for HellaSwag/ARC/RACE."""
+        lm-eval recomputes the context per choice (detail 5b); this is the 4x for HellaSwag/ARC/RACE."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in idxs:
             groups[tuple(reqs[i][0])].append(i)
@@ -1419,7 +981,7 @@ def code_program(doc: dict, completion: str) -> str:
 
 def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024) -> str:
     """Run one program in a fresh interpreter in a temporary directory. -> "passed" | "failed: ..." |
-    "timed out". Not a sandbox: the Codex paper used gVisor containers (ref e)."""
+    "timed out". Not a sandbox: the Codex paper (arXiv 2107.03374) used gVisor containers."""
     if os.name != "posix":
         raise InputError("--allow_code_execution needs a POSIX system (resource limits via preexec_fn)")
     with tempfile.TemporaryDirectory(prefix="eval_code_") as d:
@@ -1559,7 +1121,8 @@ def score_task(lm: LM, td: TaskData, ctx: Context, mode: str, fewshot_seed: int 
         metrics["chance"] = _r(sum(1 / len(d["choices"]) for d in td.docs) / len(td.docs))
     subsets = sorted({s.get("subset", "") for s in samples} - {""})
     if len(subsets) > 1 and spec.primary in samples[0]:  # macro over subjects/tasks/languages; micro above
-        # (MMLU's headline is the micro average over all items; lm-eval #1525 on micro vs macro)
+        # (MMLU's headline is the micro average over all items, as in Hendrycks' MMLU code and lm-eval:
+        # https://github.com/EleutherAI/lm-evaluation-harness/issues/1525)
         per = {s: mean_stderr([x[spec.primary] for x in samples if x.get("subset") == s])[0] for s in subsets}
         metrics[f"{spec.primary}_macro"] = _r(sum(per.values()) / len(per))
         metrics["subsets"] = {s: _r(v) for s, v in per.items()}
@@ -1690,7 +1253,7 @@ def badword_token_ids(tok: Tokenizer, words: list[str]) -> list[int]:
 
 
 def task_settings(td: TaskData, cfg: EvalConfig) -> dict:
-    """Everything that determines a task's prompts and scores (aligned settings, ref b)."""
+    """Everything that determines a task's prompts and scores (GPT-Fathom's aligned settings)."""
     spec = td.spec
     d = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("note", "deviations")}
     d["shots"] = spec.shots if cfg.shots < 0 else cfg.shots
@@ -2014,7 +1577,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         del model, lm
 
     names = [n for n, _ in models]
-    group_note = {g: "reconstructed, unverified membership (ref c)" for g in RECONSTRUCTED_GROUPS
+    group_note = {g: "reconstructed from GPT-Fathom's English set, membership unverified" for g in RECONSTRUCTED_GROUPS
                   if g in cfg.tasks.split(",")}
     record = {"settings_hash": shash, "tasks_arg": cfg.tasks, "groups_note": group_note, "models": model_info,
               "results": results, "category_macro": category_averages(results, live, cfg),

@@ -8,21 +8,26 @@ checkpoint I/O in the Hugging Face layout (and the Mistral-native one), and the 
     model = MistralForCausalLM.from_pretrained("path/to/Mistral-7B-v0.1", dtype=torch.bfloat16)
     tok = Tokenizer.from_file("path/to/Mistral-7B-v0.1")
 
-Implementation details (numbers refer to `shared/reference/mistral_and_style.md` sections):
+Implementation details (sources: Mistral's one-file reference `one_file_ref.py` and `mistral/model.py` in
+mistralai/mistral-src; transformers `models/mistral/modeling_mistral.py` and `convert_mistral_weights_to_hf.py`):
  1. Module names equal the HF `MistralForCausalLM` state-dict keys, so an HF checkpoint is a plain
-    `load_state_dict`; RoPE uses HF's rotate_half layout (b.4).
- 2. RMSNorm computes in fp32, casts back to the input dtype, *then* multiplies by the weight (a.2).
- 3. RoPE cos/sin tables are built in fp32 even under autocast (a.2: precision loss in bf16 at long context).
+    `load_state_dict`; RoPE uses HF's rotate_half layout (modeling_mistral.py `rotate_half`).
+ 2. RMSNorm computes in fp32, casts back to the input dtype, *then* multiplies by the weight (Mistral, Meta and
+    HF all use this order: one_file_ref.py `RMSNorm`, modeling_mistral.py `MistralRMSNorm`).
+ 3. RoPE cos/sin tables are built in fp32 even under autocast (bf16 angles lose precision at long context).
  4. Grouped-query attention through `scaled_dot_product_attention(enable_gqa=True)`: query head h reads
-    KV head h // (n_heads / n_kv_heads), the same layout as repeat_interleave (a.2).
- 5. Sliding window: token i sees keys j with i - W < j <= i, i.e. at most W keys *including itself* (a.3; the
-    one-file reference's tril/triu band admits W + 1, an off-by-one we do not copy).
+    KV head h // (n_heads / n_kv_heads), the same layout as the reference's `repeat_interleave` of KV heads.
+ 5. Sliding window: token i sees keys j with i - W < j <= i, i.e. at most W keys *including itself* (mistral-src
+    `model.py` through xformers' local attention mask, and HF's `kv_idx > q_idx - W` overlay; the one-file
+    reference's tril/triu band admits W + 1, an off-by-one we do not copy).
  6. Padding never shifts positions: the first real token of every row is position 0 (left or right padding).
  7. KV cache: preallocated; with a sliding window it is a rolling buffer of W slots (position p lives in slot
-    p mod W). RoPE is applied before caching, so slot order does not matter to attention (a.3).
+    p mod W). RoPE is applied before caching, so slot order does not matter to attention (mistral-src's
+    rolling-buffer cache).
  8. Missing `rope_theta`: 1e4 when a sliding window is set (v0.1), else 1e6 (v0.2+), with a warning; it is
-    also read from `rope_parameters` (transformers v5 configs) (a.3, b.1).
- 9. Mistral-native `consolidated.safetensors` loads through one rename + the q/k RoPE permutation (b.2, b.4).
+    also read from `rope_parameters` (transformers v5 configs).
+ 9. Mistral-native `consolidated.safetensors` loads through one rename + the q/k RoPE permutation (the key map
+    and `permute` of transformers' convert_mistral_weights_to_hf.py).
 10. Checkpoints are safetensors + JSON, written file by file under a temporary name and renamed (atomic);
     shards above `max_shard_size` get a `model.safetensors.index.json`; `rotary_emb.inv_freq` keys are ignored.
 """
@@ -429,8 +434,12 @@ class MistralForCausalLM(nn.Module):
                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  do_sample: bool = True, eos_token_id: int | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, return_logprobs: bool = False,
-                 prefill_chunk: int | None = None) -> GenerateOutput:
+                 prefill_chunk: int | None = None, uniforms: torch.Tensor | None = None) -> GenerateOutput:
         """Batched sampling with the KV cache. Prompts must be LEFT padded (see `pad_batch`).
+
+        `uniforms` (B, max_new_tokens) in [0, 1) replaces the generator: token t of row b is drawn by inverting
+        the CDF at uniforms[b, t], so a row's sample depends on its own numbers only, not on which other rows
+        share the batch (PPO draws them per global row, so any number of ranks samples the same episodes).
 
         Returned log-probs are those of the full distribution softmax(logits / temperature), before top-k/top-p
         filtering, because that is the policy PPO optimises (ICE-GRT/N+ detail: divide logits by temperature).
@@ -460,7 +469,12 @@ class MistralForCausalLM(nn.Module):
                 tok = scaled.argmax(-1)
             else:
                 probs = torch.softmax(filter_top_k_top_p(scaled, top_k, top_p), -1)
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                if uniforms is None:
+                    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                else:  # inverse CDF: the first token whose cumulative probability reaches u
+                    cdf = probs.cumsum(-1)
+                    u = (uniforms[:, t:t + 1].to(cdf) * cdf[:, -1:]).contiguous()
+                    tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
             if return_logprobs:
                 lps[:, t] = logprobs_from_logits(scaled, tok)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -653,7 +667,7 @@ def load_state_dict_strict(module: nn.Module, sd: dict[str, torch.Tensor], sourc
     module.load_state_dict(sd, strict=True, assign=True)
 
 
-# Mistral-native <-> HF (reference b.2, b.4)
+# Mistral-native <-> HF (transformers convert_mistral_weights_to_hf.py: key names and the q/k permutation)
 _NATIVE_TO_HF = [
     (r"^tok_embeddings\.weight$", "model.embed_tokens.weight"),
     (r"^norm\.weight$", "model.norm.weight"),
@@ -716,7 +730,7 @@ def hf_to_native_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 
 
 def config_from_params(params: dict) -> ModelConfig:
-    """Mistral `params.json` -> ModelConfig (the HF converter's field mapping, reference b.2)."""
+    """Mistral `params.json` -> ModelConfig (the field mapping of transformers' convert_mistral_weights_to_hf.py)."""
     d = {"hidden_size": params["dim"], "num_hidden_layers": params["n_layers"],
          "intermediate_size": params["hidden_dim"], "num_attention_heads": params["n_heads"],
          "num_key_value_heads": params.get("n_kv_heads", params["n_heads"]), "head_dim": params.get("head_dim"),
@@ -843,7 +857,8 @@ def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, source: Any) -> None:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Mistral-style BPE (reference section c): byte fallback, metaspace, ids 0-2 = <unk>,<s>,</s>,
+    """Mistral-style BPE (the layout of Mistral-7B-v0.1's tokenizer.json): byte fallback, metaspace,
+    ids 0-2 = <unk>,<s>,</s>,
     ids 3-258 = the 256 byte tokens <0x00>..<0xFF> *inside the model vocab*, then learned pieces, then <pad>."""
     from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as TK
@@ -851,14 +866,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     if vocab_size <= n_fixed:
         raise ValueError(f"vocab_size {vocab_size} must exceed {n_fixed} (specials + 256 bytes + pad)")
     tk = TK(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    # split=True while training so merges never cross a word boundary (reference c, step 2)
+    # split=True while training so merges never cross a word boundary (as SentencePiece's split_by_whitespace)
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 257, special_tokens=SPECIALS, show_progress=False)
     tk.train_from_iterator(texts, trainer)
     # rebuild the vocab as [specials, 256 bytes, learned] (passing bytes as special tokens would make
-    # decode(skip_special_tokens=True) drop byte-fallback pieces: reference c, pitfall)
+    # decode(skip_special_tokens=True) drop byte-fallback pieces)
     spec = json.loads(tk.to_str())
     learned = sorted(((t, i) for t, i in spec["model"]["vocab"].items() if t not in SPECIALS), key=lambda x: x[1])
     vocab = {t: i for i, t in enumerate(SPECIALS)}

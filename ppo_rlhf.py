@@ -3,11 +3,12 @@
 Papers: ICE-GRT (Zheng et al., arXiv 2401.02072) trains with PPO and four models (actor, reference, reward,
 critic) and names its success factors "Appropriate Data, Reward Size Scaling, KL-Control, Advantage
 Normalization"; Mistral-Plus (arXiv 2403.02513) applies that harmless RLHF to the *base* model, skipping SFT.
-The remaining details follow "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024, N+ below),
+The remaining details follow "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024,
+arXiv:2403.17031, and its code vwxyzjn/summarize_from_feedback_details; N+ below),
 Ziegler et al. 2019 (adaptive KL), Schulman et al. 2016 (GAE), Ouyang et al. 2022 (PPO-ptx).
 ICE-GRT's own hyperparameters are in a paper body we could not read: every default below is a public anchor's
-(N+, TRL, OpenRLHF; see shared/reference/rlhf_ppo.md), or tuned for the toy world where a 7B value would not move
-a 5M-parameter model in four minutes; the field comment says which.
+(N+, TRL, OpenRLHF), or tuned for the toy world where a 7B value would not move a 2M-parameter model in four
+minutes; the field comment says which.
 
     python ppo_rlhf.py                                   # toy world: out/pretrain/final + out/reward_model/final
     python ppo_rlhf.py --kl_coef 0 --out out/ppo_nokl    # one ablation (bench/ablate_ppo.sh runs them all)
@@ -29,7 +30,7 @@ Implementation details (the numbers appear at the lines that implement them):
     beta *= 1 + e * n / horizon, with KL the mean sequence KL over *all ranks* and n the global batch.
  5. KL estimator k1 = log pi - log pi_ref (default) or k3 = (r - 1) - log r with r = pi_ref / pi (Schulman's
     "Approximating KL divergence" note). The logged KL is always the k1 sum per sequence; a warning fires when
-    the batch KL is below -1 nat (sampling that does not follow pi: TRL issues #351, #1857).
+    the batch KL is below -1 nat (sampling that does not follow pi: github.com/huggingface/trl/issues/351 and /1857).
  6. REWARD SIZE SCALING: the reward model is loaded on its own and may be larger than the policy (only the
     tokenizer must match); the score is normalised (`reward_norm fixed`: the RM's stored mean/std;
     `running`: running mean/std over all ranks; `none`), multiplied by `reward_scale`, clipped to
@@ -52,12 +53,17 @@ Implementation details (the numbers appear at the lines that implement them):
 14. Dropout off in all four models (`disable_dropout`; Mistral has no dropout layers, so this only zeroes any
     nn.Dropout a custom config adds and keeps every model in eval mode).
 15. PPO-ptx (Ouyang et al. 2022): `ptx_coef` * language-modelling loss on pretraining text added to the actor
-    loss. On (0.5) in the toy default because without it the held-out corpus loss rose 14% (measured; with
-    it +1%); the anchors keep it off or small (OpenRLHF v0.4: 0.05; DeepSpeed-Chat reports InstructGPT's
-    27.8 destabilised training).
+    loss. On (0.5) in the toy default because without it the held-out corpus loss rose 4.9% (measured on the
+    toy world, docs/ppo_rlhf.md; with it +1.7%); the anchors keep it off or small (OpenRLHF v0.4: 0.05;
+    DeepSpeed-Chat reports InstructGPT's 27.8 destabilised training).
 16. Global grad-norm clipping (`max_grad_norm` 1.0); a minibatch whose mean ratio exceeds `ratio_threshold`
     (old TRL: 10) is skipped; optional early stop of the PPO epochs when approx-KL > 1.5 * `target_kl`.
 17. Linear warmup + cosine decay for both optimisers (`warmup_frac`, `min_lr_ratio`; OpenRLHF: 3% warmup).
+18. World-size invariance: the global batch of prompts, its sampling noise (one uniform per row and token,
+    inverted through the CDF in `generate`), the minibatch permutation and the PPO-ptx documents are drawn from
+    a generator seeded by (seed, iteration) alone; the rollout rows are gathered before the update, and every
+    loss is divided by global token counts. So N ranks train exactly what one process trains (a test checks
+    2 ranks == 1 rank), as pretrain.py and reward_model.py do.
 
 Fixed in code (not switches, with the reason at the line): old log-probs are recomputed with the training
 forward rather than taken from the cached sampler, so the first PPO ratio is exactly 1 under any dtype; top-k 0
@@ -82,6 +88,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
@@ -156,9 +163,9 @@ class PPOConfig:
     whiten_rewards: bool = False  # 11: whiten per-token rewards keeping the mean
     missing_eos_penalty: float = 1.0  # 12: subtracted from the score of a response with no EOS
     disable_dropout: bool = True  # 14: dropout off in all four models
-    ptx_coef: float = 0.5  # 15: PPO-ptx coefficient on the pretraining LM loss; 0 = off (toy: on, see README)
+    ptx_coef: float = 0.5  # 15: PPO-ptx coefficient on the pretraining LM loss; 0 = off (toy: on, see docs/ppo_rlhf.md)
     ptx_data: str = "data/toy/corpus/train.jsonl"  # 15: {"text"} JSONL for PPO-ptx
-    ptx_batch_size: int = 8  # 15: documents per minibatch (per rank) for PPO-ptx
+    ptx_batch_size: int = 8  # 15: documents per minibatch for PPO-ptx (all ranks together)
     max_grad_norm: float = 1.0  # 16: global grad-norm clip for each optimiser
     ratio_threshold: float = 10.0  # 16: skip a minibatch whose mean ratio exceeds this
     target_kl: float = 0.0  # 16: stop this iteration's PPO epochs when approx-KL > 1.5 * target; 0 = off
@@ -352,10 +359,17 @@ def load_texts(path: str, limit: int = 0) -> list[str]:
     return texts
 
 
-def encode_prompts(tok: Tokenizer, prompts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BOS + prompt, keeping the end of a long dialogue (where the request is), LEFT padded for generate."""
+def encode_prompts(tok: Tokenizer, prompts: list[str], max_len: int, pad_to: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + prompt, keeping the end of a long dialogue (where the request is), LEFT padded for generate, to at
+    least `pad_to` columns (the global batch's longest prompt, so every rank's rows share one layout)."""
     seqs = [[tok.bos_id] + s[1:][-(max_len - 1):] for s in tok.encode_batch(prompts, bos=True)]
-    return pad_batch(seqs, tok.pad_id, side="left")
+    ids, mask = pad_batch(seqs, tok.pad_id, side="left")
+    if pad_to > ids.shape[1]:
+        extra = pad_to - ids.shape[1]
+        ids = torch.cat([torch.full((len(seqs), extra), tok.pad_id, dtype=ids.dtype), ids], 1)
+        mask = torch.cat([torch.zeros((len(seqs), extra), dtype=mask.dtype), mask], 1)
+    return ids, mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,7 +411,8 @@ def reward_model_inputs(seq: torch.Tensor, attn: torch.Tensor, has_eos: torch.Te
                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The RM was trained on BOS + prompt + response + EOS and reads the last real token. A response cut at
     max_new_tokens gets an EOS appended *for scoring only* (the actor's tokens are untouched, unlike OpenRLHF
-    #238), so the RM judges its content and the missing-EOS penalty (detail 12) judges the termination."""
+    issue 238 on github.com/OpenRLHF/OpenRLHF), so the RM judges its content and the missing-EOS penalty
+    (detail 12) judges the termination."""
     extra = torch.where(has_eos, pad_id, eos_id).to(seq.dtype)[:, None]
     return torch.cat([seq, extra], 1), torch.cat([attn, (~has_eos).to(attn.dtype)[:, None]], 1)
 
@@ -443,6 +458,18 @@ class MaskedStats:
 # Rollout, evaluation, update
 
 
+CPU = torch.device("cpu")
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (the global batch); the tensor itself on one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, 0)
+
+
 def seeded_generator(seed: int, it: int, rank: int, device: torch.device) -> torch.Generator:
     """A generator per (iteration, rank): resuming at iteration i draws exactly what the uninterrupted run drew."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + it) * 1009 + rank)
@@ -450,32 +477,36 @@ def seeded_generator(seed: int, it: int, rank: int, device: torch.device) -> tor
 
 @torch.no_grad()
 def rollout(actor: MistralForCausalLM, actor_fwd: nn.Module, ref: nn.Module, critic_fwd: nn.Module, score_fn,
-            tok: Tokenizer, prompts: list[str], cfg: PPOConfig, dev: torch.device, amp, gen: torch.Generator
-            ) -> dict:
-    """Generate with the KV cache, then recompute everything PPO needs with full forwards."""
-    p_ids, p_mask = encode_prompts(tok, prompts, cfg.max_prompt_len)
+            tok: Tokenizer, prompts: list[str], cfg: PPOConfig, dev: torch.device, amp, uniforms: torch.Tensor,
+            pad_to: int) -> dict:
+    """Generate with the KV cache, then recompute everything PPO needs with full forwards. Every rank's rows have
+    the same layout (prompts padded to `pad_to`, responses to max_new_tokens), so they can be gathered."""
+    p_ids, p_mask = encode_prompts(tok, prompts, cfg.max_prompt_len, pad_to)
     p_ids, p_mask = p_ids.to(dev), p_mask.to(dev)
-    P = p_ids.shape[1]
+    P, N = p_ids.shape[1], cfg.max_new_tokens
     t0 = time.perf_counter()
     with amp:
-        # top_k 0 / top_p 1: the samples must follow pi or the KL estimate goes negative (TRL #1857)
-        g = actor.generate(p_ids, p_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=0, top_p=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen,
-                           return_logprobs=True)
+        # top_k 0 / top_p 1: the samples must follow pi or the KL estimate goes negative (huggingface/trl issue 1857)
+        g = actor.generate(p_ids, p_mask, max_new_tokens=N, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, uniforms=uniforms, return_logprobs=True)
     t1 = time.perf_counter()
-    seq, rmask = g.sequences, g.response_mask.float()  # (B, P + N), (B, N)
-    attn = torch.cat([p_mask, g.response_mask], 1)
-    has_eos = ((g.response_ids == tok.eos_id) & g.response_mask.bool()).any(1)
+    n = g.response_ids.shape[1]  # < N when every row of this rank stopped early: pad to N
+    resp = F.pad(g.response_ids, (0, N - n), value=tok.pad_id)
+    resp_mask = F.pad(g.response_mask, (0, N - n))
+    seq, rmask = torch.cat([p_ids, resp], 1), resp_mask.float()  # (B, P + N), (B, N)
+    attn = torch.cat([p_mask, resp_mask], 1)
+    has_eos = ((resp == tok.eos_id) & resp_mask.bool()).any(1)
     with amp:
         # old log-probs from the *training* forward, not the sampler's cache: ratio == 1 exactly at the first
-        # minibatch under any dtype (DeepSpeed-Chat's unstable ratios, reference pain point)
+        # minibatch under any dtype (DeepSpeed-Chat's unstable ratios)
         old_lp, ent = response_logprobs(actor_fwd, seq, attn, P, cfg.temperature, with_entropy=True)
         ref_lp = response_logprobs(ref, seq, attn, P, cfg.temperature)  # detail 13: same temperature
         values = critic_fwd(seq, attn)[:, P - 1:-1].float()  # V(prefix before token t)
         raw = score_fn(seq, attn, P, has_eos).float()
     t2 = time.perf_counter()
     return {"seq": seq, "attn": attn, "P": P, "mask": rmask, "has_eos": has_eos, "old_lp": old_lp * rmask,
-            "sampler_lp": g.logprobs, "ref_lp": ref_lp * rmask, "values": values * rmask, "raw_score": raw,
+            "sampler_lp": F.pad(g.logprobs, (0, N - n)),
+            "ref_lp": ref_lp * rmask, "values": values * rmask, "raw_score": raw,
             "entropy": ent, "t_generate": t1 - t0, "t_score": t2 - t1}
 
 
@@ -485,8 +516,10 @@ def evaluate(actor: MistralForCausalLM, ref: nn.Module, score_fn, tok: Tokenizer
              rank: int, world: int, n_samples: int = 3) -> tuple[dict, list[dict]]:
     """Held-out prompts (sharded over ranks): RM reward, toy toxicity rate per prompt kind, EOS rate, length,
     KL to the reference; held-out corpus LM loss. The same seed every time, so evaluations are comparable."""
-    gen = seeded_generator(cfg.seed + 7, 0, rank, dev)
-    mine = prompts[rank::world]
+    # the same draws every time, and per prompt (not per rank): evaluations compare across runs and world sizes
+    uniforms = torch.rand((len(prompts), cfg.max_new_tokens), generator=seeded_generator(cfg.seed + 7, 0, 0, CPU))
+    lo, hi = len(prompts) * rank // world, len(prompts) * (rank + 1) // world
+    mine, uniforms = prompts[lo:hi], uniforms[lo:hi].to(dev)
     st = MaskedStats()
     kinds = sorted({k or "all" for _, k in prompts})
     st.register(["reward", "eos_rate", "length", "kl", "toxicity_rate"] + [f"toxicity_rate/{k}" for k in kinds]
@@ -499,8 +532,8 @@ def evaluate(actor: MistralForCausalLM, ref: nn.Module, score_fn, tok: Tokenizer
         P = p_ids.shape[1]
         with amp:
             g = actor.generate(p_ids, p_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen,
-                               return_logprobs=True)
+                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                               uniforms=uniforms[b:b + cfg.eval_batch_size], return_logprobs=True)
             attn = torch.cat([p_mask, g.response_mask], 1)
             has_eos = ((g.response_ids == tok.eos_id) & g.response_mask.bool()).any(1)
             ref_lp = response_logprobs(ref, g.sequences, attn, P, cfg.temperature)
@@ -590,6 +623,9 @@ def check_config(cfg: PPOConfig, world: int) -> None:
                          f"{len(cfg.prompt_weights)} weights")
     if any(w < 0 for w in cfg.prompt_weights) or sum(cfg.prompt_weights) <= 0:
         raise InputError(f"--prompt_weights {cfg.prompt_weights}: must be >= 0 with a positive sum")
+    if cfg.ptx_coef > 0 and cfg.ptx_batch_size % world:
+        raise InputError(f"--ptx_batch_size {cfg.ptx_batch_size}: not divisible by {world} ranks (it is the "
+                         f"global number of documents per minibatch)")
     if cfg.rollout_batch_size % world:
         raise InputError(f"--rollout_batch_size {cfg.rollout_batch_size}: not divisible by {world} ranks")
     if (cfg.rollout_batch_size // world) % cfg.num_minibatches:
@@ -723,7 +759,9 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
     if not state_dir and eval_prompts:
         extra["base_eval"] = run_eval(0, "base")  # the base model = the actor before any update
 
-    per_rank = cfg.rollout_batch_size // world
+    B = cfg.rollout_batch_size  # the global batch: every draw below is a function of (seed, iteration) only
+    per_rank = B // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's global rows
     weights = torch.tensor(cfg.prompt_weights, dtype=torch.float)
     total_updates = 0
     it = start_it
@@ -737,12 +775,16 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             for gr in opt.param_groups:
                 gr["lr"] = lr
 
-        # ---- rollout: each rank samples its own prompts (10: weighted mixture of sources)
-        gcpu = seeded_generator(cfg.seed, it, rank, torch.device("cpu"))
-        src = torch.multinomial(weights, per_rank, replacement=True, generator=gcpu).tolist()
-        batch = [sources[s][torch.randint(len(sources[s]), (1,), generator=gcpu).item()] for s in src]
-        ro = rollout(actor, actor_fwd, ref, critic_fwd, score_fn, tok, [p for p, _ in batch], cfg, dev, amp,
-                     seeded_generator(cfg.seed, it, rank, dev))
+        # ---- rollout (10: weighted mixture of sources). Detail 18: the global batch of prompts and its sampling
+        # noise are drawn alike on every rank, and rank r generates global rows r * per_rank ... (r + 1) * per_rank
+        # - so 2 ranks sample exactly the episodes 1 process samples
+        gcpu = seeded_generator(cfg.seed, it, 0, CPU)
+        src = torch.multinomial(weights, B, replacement=True, generator=gcpu).tolist()
+        prompts = [sources[s][torch.randint(len(sources[s]), (1,), generator=gcpu).item()][0] for s in src]
+        uniforms = torch.rand((B, cfg.max_new_tokens), generator=gcpu)
+        pad_to = encode_prompts(tok, prompts, cfg.max_prompt_len)[0].shape[1]  # the global batch's width
+        ro = rollout(actor, actor_fwd, ref, critic_fwd, score_fn, tok, prompts[rows], cfg, dev, amp,
+                     uniforms[rows].to(dev), pad_to)
         mask, has_eos = ro["mask"], ro["has_eos"]
 
         # ---- rewards and advantages
@@ -765,16 +807,21 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             if cfg.adv_norm == "global":  # 7: ADVANTAGE NORMALIZATION over the rollout batch of all ranks
                 adv = masked_whiten(adv, mask)
 
-        # ---- PPO update: several epochs over shuffled minibatches
+        # ---- PPO update: several epochs over shuffled minibatches. Detail 18: the rollout batch is gathered, so
+        # a minibatch is the same set of global rows for any world size; rank r trains on its share of each
+        full = {k: all_gather_rows(v) for k, v in (("seq", ro["seq"]), ("attn", ro["attn"]), ("mask", mask),
+                                                   ("old_lp", ro["old_lp"]), ("values", ro["values"]),
+                                                   ("adv", adv), ("returns", returns))}
         st = MaskedStats()
-        seq, attn, P = ro["seq"], ro["attn"], ro["P"]
-        mb = per_rank // cfg.num_minibatches
+        seq, attn, P = full["seq"], full["attn"], ro["P"]
+        G = B // cfg.num_minibatches  # rows in a global minibatch
+        mb = G // world  # this rank's share
         n_skipped, stopped_early = 0, False
         for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(per_rank, generator=gcpu).to(dev)
+            perm = torch.randperm(B, generator=gcpu).to(dev)
             for k in range(cfg.num_minibatches):
-                idx = perm[k * mb:(k + 1) * mb]
-                m = mask[idx]
+                idx = perm[k * G + rank * mb:k * G + (rank + 1) * mb]
+                m = full["mask"][idx]
                 # DDP averages gradients over ranks: dividing each rank's token sum by (global tokens / world)
                 # makes the result the mean over every valid token of the global minibatch
                 denom = all_reduce_sum(m.sum().clone()) / world
@@ -782,10 +829,10 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                     actor.train(), critic.train()
                 with amp:
                     lp = response_logprobs(actor_fwd, seq[idx], attn[idx], P, cfg.temperature)
-                a = adv[idx]
+                a = full["adv"][idx]
                 if cfg.adv_norm == "minibatch":  # 7: PPO2/CleanRL-style per-minibatch normalisation
                     a = masked_whiten(a, m)
-                pg_loss, pst = ppo_policy_loss(lp, ro["old_lp"][idx], a, m, cfg.cliprange, denom)  # 1
+                pg_loss, pst = ppo_policy_loss(lp, full["old_lp"][idx], a, m, cfg.cliprange, denom)  # 1
                 # 16: ratio guard and approx-KL early stop, decided on global numbers so all ranks agree
                 g = all_reduce_sum(torch.stack([(pst["ratio"] * m).sum(), (pst["approxkl"] * m).sum(),
                                                 m.sum()]).double())
@@ -798,16 +845,17 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                 with actor_train.no_sync() if two_passes else nullcontext():
                     scaler.scale(pg_loss * keep).backward()
                 if cfg.ptx_coef > 0:  # 15: PPO-ptx, a language-modelling loss on pretraining text
-                    docs = [ptx_docs[j] for j in torch.randint(len(ptx_docs), (cfg.ptx_batch_size,),
-                                                               generator=gcpu).tolist()]
+                    pick = torch.randint(len(ptx_docs), (cfg.ptx_batch_size,), generator=gcpu).tolist()
+                    n_ptx = cfg.ptx_batch_size // world  # the global ptx batch, split like the rollout rows
                     with amp:
-                        nll, ntok = lm_loss_sums(actor_fwd, tok, docs)
-                    ptx_loss = nll / ntok
+                        nll, ntok = lm_loss_sums(actor_fwd, tok, [ptx_docs[j] for j in
+                                                                  pick[rank * n_ptx:(rank + 1) * n_ptx]])
+                    ptx_loss = nll / (all_reduce_sum(ntok.detach().clone()) / world)  # mean over global tokens
                     scaler.scale(cfg.ptx_coef * ptx_loss * keep).backward()
                     st.add("loss/ptx_avg", ptx_loss)
                 with amp:
                     v = critic_fwd(seq[idx], attn[idx])[:, P - 1:-1].float()
-                vf_loss, vst = ppo_value_loss(v, ro["values"][idx], returns[idx], m, cfg.cliprange_value,
+                vf_loss, vst = ppo_value_loss(v, full["values"][idx], full["returns"][idx], m, cfg.cliprange_value,
                                               denom)  # 9
                 scaler.scale(vf_loss * keep).backward()
                 if skip:
@@ -880,7 +928,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                "shape/prompt_width": P, "shape/response_width": mask.shape[1]}  # padded widths (rank 0)
         if s["objective/kl"] < -1.0:  # detail 5: old TRL's threshold; tiny negatives are sampling noise
             warnings.warn(f"it {it}: batch KL {s['objective/kl']:.4f} < 0: check that sampling uses top_k 0, "
-                          f"top_p 1 and the same temperature as the log-probs (TRL #351, #1857)", stacklevel=1)
+                          f"top_p 1 and the same temperature as the log-probs (huggingface/trl issues 351, 1857)",
+                          stacklevel=1)
         if cfg.adaptive_kl:  # 4: global mean sequence KL, episodes summed over ranks
             kl_coef = adaptive_kl_coef(kl_coef, s["objective/kl"], cfg.kl_target, cfg.kl_horizon,
                                        cfg.rollout_batch_size)

@@ -94,46 +94,28 @@ from model import (
 @dataclass
 class Config:
     data: str = "data/toy/corpus/train.jsonl"  # {"text"} JSONL, plain .txt, or a folder of them; SFT: see detail 8
-    valid_data: str = (
-        "auto"  # held-out file; auto = sibling valid.jsonl if present, else hold out valid_fraction
-    )
-    valid_fraction: float = (
-        0.01  # share of tokens (pretraining) / examples (SFT) held out when no valid file
-    )
+    valid_data: str = "auto"  # held-out file; auto = sibling valid.jsonl if present, else hold out valid_fraction
+    valid_fraction: float = 0.01  # share of tokens (pretraining) / examples (SFT) held out when no valid file
     out: str = "out/pretrain"  # run folder: config.json, metrics.jsonl, summary.json, last/, final/
-    init: str = (
-        ""  # HF checkpoint folder to start from (continue pretraining, or the base model for --sft)
-    )
-    tokenizer: str = (
-        ""  # tokenizer.json or folder; "" = from --init, else train one on the data (detail 1)
-    )
-    vocab_size: int = (
-        2048  # when training a tokenizer: total size incl. 3 specials, 256 bytes and <pad>
-    )
+    init: str = ""  # HF checkpoint folder to start from (continue pretraining, or the base model for --sft)
+    tokenizer: str = ""  # tokenizer.json or folder; "" = from --init, else train one on the data (detail 1)
+    vocab_size: int = 2048  # when training a tokenizer: total size incl. 3 specials, 256 bytes and <pad>
     sft: bool = False  # supervised fine-tuning on prompt/response data (detail 8); requires --init
     resume: str = ""  # run folder to continue (reads its last/ and config.json) (detail 9)
-    # model shape (ignored with --init): the toy base model, 2.0M parameters with a 2K vocab. Sized
-    # by the
-    # CPU budget: 2 cores train it at ~1K tokens/s, so a 5M model would see too few tokens in 4
-    # minutes.
+    # model shape (ignored with --init): the toy base model, 2.0M parameters with a 2K vocab. Sized by the CPU budget: 2
+    # cores train it at ~1K tokens/s, so a 5M model would see too few tokens in 4 minutes.
     hidden_size: int = 192  # residual width
     num_hidden_layers: int = 4  # transformer blocks
     num_attention_heads: int = 6  # query heads (head_dim 32)
     num_key_value_heads: int = 2  # KV heads (grouped-query attention, as Mistral's 32/8)
     intermediate_size: int = 512  # SwiGLU width (~2.7 x hidden; Mistral uses 3.5 x)
-    tie_word_embeddings: bool = (
-        True  # share input/output embeddings: saves 0.4M of 2.4M params here
-    )
+    tie_word_embeddings: bool = True  # share input/output embeddings: saves 0.4M of 2.4M params here
     rope_theta: float = 10000.0  # RoPE base (Mistral v0.1 value; contexts here are short)
     seq_len: int = 128  # training context in tokens (toy documents are 30-150 tokens)
     # optimisation
     batch_size: int = 8  # GLOBAL batch in sequences (all ranks and micro-steps together) (detail 4)
-    micro_batch_size: int = (
-        0  # sequences per rank per forward; 0 = batch_size / world (no accumulation)
-    )
-    max_steps: int = (
-        1500  # optimizer steps (~1.5M tokens, ~2.6 epochs of the toy corpus: ~4 min on 2 idle CPU cores)
-    )
+    micro_batch_size: int = 0  # sequences per rank per forward; 0 = batch_size / world (no accumulation)
+    max_steps: int = 1500  # optimizer steps (~1.5M tokens, ~2.6 epochs of the toy corpus: ~4 min on 2 idle CPU cores)
     lr: float = 3e-3  # peak learning rate (small models tolerate a high one; use ~1e-4 for --init real models)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (detail 7)
     warmup_steps: int = 20  # linear warmup steps
@@ -147,23 +129,16 @@ class Config:
     eval_batches: int = 4  # micro-batches of held-out data per evaluation
     sample_interval: int = 0  # steps between printed sample generations; 0 = only at the end
     save_interval: int = 120  # steps between resumable checkpoints in last/
-    stop_after: int = (
-        0  # stop after this step as if interrupted (to test --resume); 0 = run to max_steps
-    )
-    probe: str = (
-        "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, none = off
-    )
-    probe_prompts: int = (
-        100  # held-out red-team prompts (and as many general ones) sampled by the probe
-    )
+    stop_after: int = 0  # stop after this step as if interrupted (to test --resume); 0 = run to max_steps
+    probe: str = "auto"  # toy world folder for the end-of-run probe (detail 11); auto = detect, none = off
+    probe_prompts: int = 100  # held-out red-team prompts (and as many general ones) sampled by the probe
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32)
     compile: bool = False  # torch.compile the model
 
 
-# --------------------------------------------------------------------------------------------------
-# --------------
+# --------------------------------------------------------------------------------------------------------------
 # Data: reading with clear errors, tokenizer, token cache (details 1-3, 8)
 
 
@@ -269,16 +244,13 @@ def sft_examples(pairs: list[tuple[str, str]], tok: Tokenizer, max_len: int) -> 
     return out, dropped
 
 
-# --------------------------------------------------------------------------------------------------
-# --------------
+# --------------------------------------------------------------------------------------------------------------
 # Batches (details 3-5)
 
 
 def window_batch(tokens: np.memmap, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, ...]:
     """Windows of seq_len + 1 tokens -> (inputs, targets, weights) each (B, T)."""
-    w = torch.from_numpy(
-        np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts.tolist()])
-    )
+    w = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts.tolist()]))
     return w[:, :-1], w[:, 1:], torch.ones(len(starts), seq_len)
 
 
@@ -298,14 +270,11 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor)
     return (ce * weights.flatten()).sum()
 
 
-# --------------------------------------------------------------------------------------------------
-# --------------
+# --------------------------------------------------------------------------------------------------------------
 # Checkpoints (detail 9)
 
 
-def save_checkpoint(
-    model: MistralForCausalLM, tok: Tokenizer, path: Path, state: dict | None = None
-) -> None:
+def save_checkpoint(model: MistralForCausalLM, tok: Tokenizer, path: Path, state: dict | None = None) -> None:
     """HF folder (safetensors + config.json + tokenizer), written to a temp folder and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -319,8 +288,7 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# --------------
+# --------------------------------------------------------------------------------------------------------------
 # Toy-world probe (detail 11)
 
 
@@ -337,22 +305,13 @@ def find_toy_world(cfg: Config) -> Path | None:
 
 @torch.no_grad()
 def sample(
-    model,
-    tok: Tokenizer,
-    prompts: list[str],
-    device,
-    dtype,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    batch: int = 32,
+    model, tok: Tokenizer, prompts: list[str], device, dtype, max_new_tokens: int = 64, seed: int = 0, batch: int = 32
 ) -> tuple[list[str], list[bool]]:
     """Temperature-1 samples; returns (responses, ended-with-EOS flags)."""
     g = torch.Generator(device=device).manual_seed(seed)
     texts, eos = [], []
     for s in range(0, len(prompts), batch):
-        ids, mask = pad_batch(
-            [tok.encode(p) for p in prompts[s : s + batch]], tok.pad_id, side="left"
-        )
+        ids, mask = pad_batch([tok.encode(p) for p in prompts[s : s + batch]], tok.pad_id, side="left")
         with autocast_ctx(device, dtype):
             out = model.generate(
                 ids.to(device),
@@ -370,9 +329,7 @@ def sample(
 
 
 @torch.no_grad()
-def choice_accuracy(
-    model, tok: Tokenizer, items: list[tuple[str, list[str], int]], device, dtype
-) -> float:
+def choice_accuracy(model, tok: Tokenizer, items: list[tuple[str, list[str], int]], device, dtype) -> float:
     """Log-likelihood multiple choice: pick the option with the highest summed log-prob after the context."""
     seqs, spans = [], []
     for ctx, options, _ in items:
@@ -386,9 +343,7 @@ def choice_accuracy(
         ids, mask = ids.to(device), mask.to(device)
         with autocast_ctx(device, dtype):
             logits = model(ids, mask)
-        lp = (
-            torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        )  # (B, L-1)
+        lp = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1)
         for row, (a, b) in enumerate(spans[s : s + 64]):
             scores.append(lp[row, a - 1 : b - 1].sum().item())
     k, correct = 0, 0
@@ -402,10 +357,7 @@ def knowledge_items(world: Path) -> list[tuple[str, list[str], int]]:
     import csv
 
     with open(world / "eval/mmlu/test/toyworld_test.csv", newline="") as f:
-        return [
-            (f"Question: {r[0]}\nAnswer:", [" " + o for o in r[1:5]], "ABCD".index(r[5]))
-            for r in csv.reader(f)
-        ]
+        return [(f"Question: {r[0]}\nAnswer:", [" " + o for o in r[1:5]], "ABCD".index(r[5])) for r in csv.reader(f)]
 
 
 def arithmetic_items(world: Path) -> list[tuple[str, list[str], int]]:
@@ -423,9 +375,7 @@ def arithmetic_items(world: Path) -> list[tuple[str, list[str], int]]:
     return items
 
 
-def toy_probe(
-    model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype, show: int = 3
-) -> dict:
+def toy_probe(model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype, show: int = 3) -> dict:
     card = json.loads((world / "card.json").read_text())
     toxic = toxic_regex(card["toxic_lexicon"])
     rows = [r for _, r in read_rows(world / "prompts/test.jsonl")]
@@ -450,8 +400,7 @@ def toy_probe(
     return res
 
 
-# --------------------------------------------------------------------------------------------------
-# --------------
+# --------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -461,28 +410,37 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.resume:
         saved = Path(cfg.resume) / "config.json"
         if not saved.is_file() or not (Path(cfg.resume) / "last" / "train_state.pt").is_file():
-            fail(
-                f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)"
-            )
+            fail(f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)")
         keep = {"stop_after": cfg.stop_after, "resume": cfg.resume}
         try:
             cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
         except (json.JSONDecodeError, TypeError) as e:
             fail(f"{saved}: not the config.json of a pretrain.py run ({e})")
         train_state = load_train_state(Path(cfg.resume) / "last" / "train_state.pt")
-    check_settings(cfg, positive=("batch_size", "max_steps", "lr", "seq_len", "eval_batches", "vocab_size",
-                                  "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                  "num_key_value_heads", "intermediate_size", "rope_theta"),
-                   non_negative=("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "stop_after",
-                                 "probe_prompts"),
-                   fraction=("valid_fraction", "min_lr_ratio", "beta1", "beta2"))
+    check_settings(
+        cfg,
+        positive=(
+            "batch_size",
+            "max_steps",
+            "lr",
+            "seq_len",
+            "eval_batches",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "rope_theta",
+        ),
+        non_negative=("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "stop_after", "probe_prompts"),
+        fraction=("valid_fraction", "min_lr_ratio", "beta1", "beta2"),
+    )
     check_output_path(cfg.out)
     dist_info = init_distributed(cfg.device)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
     if device.type == "cpu" and dist_info.ddp:  # share the cores between ranks
-        torch.set_num_threads(
-            max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        )
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     out = Path(cfg.out)
     for name in ("log_interval", "eval_interval", "sample_interval", "save_interval"):
         if getattr(cfg, name) < 0:
@@ -491,7 +449,6 @@ def main(argv: list[str] | None = None) -> None:
         fail("--sft needs --init DIR (the base model to fine-tune)")
 
     # ---- setup: read and validate all input before writing anything
-    # --------------------------------------
     if cfg.init:
         check_checkpoint_dir(cfg.init, "--init")
     docs = read_sft(cfg.data) if cfg.sft else read_texts(cfg.data)
@@ -499,9 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     if valid_path == "auto":
         sib = data_files(cfg.data)[0].parent / "valid.jsonl"
         valid_path = str(sib) if sib.is_file() and not cfg.sft and sib != Path(cfg.data) else ""
-    valid_docs = (
-        (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
-    )
+    valid_docs = (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
 
     tok_src = cfg.tokenizer or (cfg.resume and str(out / "last")) or cfg.init
     tok = None
@@ -522,7 +477,6 @@ def main(argv: list[str] | None = None) -> None:
     accum = cfg.batch_size // (micro * W)
 
     # ---- outputs start here
-    # -----------------------------------------------------------------------------------
     if dist_info.is_main:
         output_dir(out)
         write_json_atomic(out / "config.json", asdict(cfg))
@@ -540,41 +494,30 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.sft:
         if dist_info.is_main:
             tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
-            vtokens = (
-                token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin")
-                if valid_docs
-                else None
-            )
+            vtokens = token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
         if dist_info.ddp:
             torch.distributed.barrier()
         tokens = token_cache(docs, tok, out / "cache" / f"train-{key}.bin")
-        vtokens = (
-            token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
-        )
+        vtokens = token_cache(valid_docs, tok, out / "cache" / f"valid-{key}.bin") if valid_docs else None
         if vtokens is None:  # hold out the tail of the stream
             cut = int(len(tokens) * (1 - cfg.valid_fraction))
             tokens, vtokens = tokens[:cut], tokens[cut:]
         for name, t in (("train", tokens), ("valid", vtokens)):
             if len(t) <= cfg.seq_len + 1:
-                fail(
-                    f"{cfg.data}: the {name} split has {len(t)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}"
-                )
+                fail(f"{cfg.data}: the {name} split has {len(t)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
         n_data = len(tokens)
     else:
         examples, dropped = sft_examples(docs, tok, cfg.seq_len + 1)
         if valid_docs is not None:
             vexamples, _ = sft_examples(valid_docs, tok, cfg.seq_len + 1)
         else:
-            n_val = max(
-                1, int(len(examples) * cfg.valid_fraction * 5)
-            )  # SFT sets are small: hold out 5x more
+            n_val = max(1, int(len(examples) * cfg.valid_fraction * 5))  # SFT sets are small: hold out 5x more
             examples, vexamples = examples[n_val:], examples[:n_val]
         if not examples or not vexamples:
             fail(f"{cfg.data}: no SFT example fits seq_len {cfg.seq_len}")
         n_data = len(examples)
 
-    # ---- model -----------------------------------------------------------------------------------
-    # -------------
+    # ---- model
     torch.manual_seed(cfg.seed)
     if init_model is not None:
         model = init_model
@@ -601,10 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     # detail 7: decay matrices only
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     try:  # the fused kernel (one launch for all parameters) exists for CUDA and, since torch 2.4, CPU
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     except (RuntimeError, TypeError):
@@ -630,9 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         model = DDP(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
     fpt = flops_per_token(raw_model.config, cfg.seq_len)
-    peak = peak_flops(device) or (
-        measure_matmul_peak(torch.float32) if device.type == "cpu" else None
-    )
+    peak = peak_flops(device) or (measure_matmul_peak(torch.float32) if device.type == "cpu" else None)
     world = find_toy_world(cfg)
     logger = JsonlLogger(out / "metrics.jsonl") if dist_info.is_main else None
     if dist_info.is_main:
@@ -682,7 +620,6 @@ def main(argv: list[str] | None = None) -> None:
         return (tot[0] / tot[1].clamp(min=1)).item()
 
     # ---- training loop
-    # ----------------------------------------------------------------------------------------
     model.train()
     t_start = t_log = time.time()
     tok_since = 0
@@ -748,9 +685,7 @@ def main(argv: list[str] | None = None) -> None:
             t_eval = time.time()
             val_loss = evaluate()
             if dist_info.is_main:
-                log(
-                    f"step {step}: held-out loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})"
-                )
+                log(f"step {step}: held-out loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
                 logger.log({"step": step, "val_loss": val_loss, "elapsed_s": time.time() - t_start})
             t_log += time.time() - t_eval  # evaluation time is not training throughput
         if due(step, cfg.sample_interval) and dist_info.is_main:
@@ -771,7 +706,6 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     # ---- final checkpoint, probe, summary
-    # ---------------------------------------------------------------------
     train_s = time.time() - t_start
     summary = {
         "steps": step,
@@ -811,9 +745,7 @@ def print_samples(model, tok: Tokenizer, world: Path | None, device, dtype) -> N
     """A few generations at temperature 1, to watch the model learn to speak."""
     if world is not None and (world / "prompts/test.jsonl").is_file():
         rows = [r for _, r in read_rows(world / "prompts/test.jsonl")]
-        prompts = [
-            next(r["prompt"] for r in rows if r["kind"] == k) for k in ("red_team", "general")
-        ]
+        prompts = [next(r["prompt"] for r in rows if r["kind"] == k) for k in ("red_team", "general")]
     else:
         prompts = [""]
     model.eval()

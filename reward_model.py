@@ -15,25 +15,28 @@ the `RewardModel` class that `ppo_rlhf.py` and `evaluate.py` import.
     rm = RewardModel.from_pretrained("out/reward_model/final")
     r = rm.score_texts(prompts, responses, tokenizer)     # raw rewards; rm.normalize(r) -> mean 0, std 1
 
-Implementation details (references: shared/reference/rlhf_ppo.md sections b, c, e, g):
+Implementation details (sources: Mistral-Plus arXiv:2403.02513; Huang et al., "The N+ Implementation Details of
+RLHF with PPO", arXiv:2403.17031, and its code vwxyzjn/summarize_from_feedback_details; TRL, OpenRLHF):
  1. Head: bias-free `Linear(hidden, 1)` named `score`, next to the backbone `model.*`: the state-dict layout of
-    HF `MistralForSequenceClassification`, so transformers loads the saved folder as is (b, "Model").
- 2. Head init N(0, 1/sqrt(hidden + 1)) (N+ / OAI code; the Stiennon paper's text drops the sqrt, a typo) (c).
+    HF `MistralForSequenceClassification`, so transformers loads the saved folder as is.
+ 2. Head init N(0, 1/sqrt(hidden + 1)) (N+ / OAI code; the Stiennon paper's text drops the sqrt, a typo).
  3. EOS is appended to every response and the score is read at the LAST REAL token, found from the attention
-    mask, never from token ids (PAD != EOS; reward-bench #137 and lm-human-preference-details #6 are bugs of
-    reading the wrong position). The head runs in fp32 so bf16 rounding cannot create ties (e, "EOS/pad").
+    mask, never from token ids (PAD != EOS; github.com/allenai/reward-bench/issues/137 and
+    github.com/vwxyzjn/lm-human-preference-details/issues/6 are bugs of reading the wrong position). The head
+    runs in fp32 so bf16 rounding cannot create ties.
  4. Training sequences are right padded (N+); `forward` works with either side.
  5. Bradley-Terry loss -log sigmoid(r_c - r_r - m), optional margin m (TRL / OpenRLHF), optional reward
     centring c * mean((r_c + r_r)^2) (TRL `center_rewards_coefficient`, c = 0.01 there), because BT is
-    shift-invariant and rewards otherwise drift (DeepSpeedExamples #527) (b, "Loss").
+    shift-invariant and rewards otherwise drift (github.com/deepspeedai/DeepSpeedExamples/issues/527).
  6. Chosen and rejected of a pair go through ONE forward pass (concatenated along the batch), so both see the
     same weights and the pair costs one call.
  7. HH-RLHF: prompt = chosen up to and including its last "\\n\\nAssistant:"; rejected must start with the same
     prompt. PKU-SafeRLHF: chosen = response_{safer_response_id}, wrapped in the same HH template. Pairs with
-    chosen == rejected or an empty response are dropped and counted (g).
+    chosen == rejected or an empty response are dropped and counted.
  8. One epoch by default (more overfits: Ziegler et al., N+), AdamW eps 1e-5 (N+), linear warmup + cosine.
  9. After training, reward mean/std over training responses are stored in the checkpoint's config.json as
-    `reward_mean`/`reward_std` (OpenRLHF `normalize_reward` silently does nothing without them, #693) (b.6).
+    `reward_mean`/`reward_std` (OpenRLHF's `normalize_reward` silently does nothing without them:
+    github.com/OpenRLHF/OpenRLHF/issues/693).
 10. Reward size scaling (ICE-GRT): the RM's size is whatever checkpoint `--init` points at, independent of the
     policy; a larger RM is one flag away.
 """

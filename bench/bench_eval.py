@@ -26,8 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import evaluate as E  # noqa: E402
 import common as C  # noqa: E402
+import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import benchmarks
 import common
 import evaluate
 import ppo_rlhf
@@ -363,7 +364,7 @@ def test_real_world_files_are_accepted_bom_crlf_blank_lines_gz(kit, tmp_path):
     mmlu.mkdir()
     (mmlu / "astronomy_test.csv").write_bytes(b'\xef\xbb\xbf"What, is it?",a,b,c,d,B\r\n"Line one\nline two",a,b,c,d,A'
                                               b"\r\n\r\n")
-    docs = evaluate.load_mmlu_csv(mmlu)
+    docs = benchmarks.load_mmlu_csv(mmlu)
     assert [(d["question"], d["gold"]) for d in docs] == [("What, is it?", 1), ("Line one\nline two", 0)]
     out = tmp_path / "out"  # and the script runs on the messy file end to end
     common.cli(pretrain.main, ["--data", str(tmp_path / "messy.jsonl.gz"), "--tokenizer", kit["base"], "--out",

@@ -1,7 +1,6 @@
 """common.py against hand-computed values: flags, the LR schedule, FLOP counting, the JSONL reader."""
 
 import pytest
-import torch
 from test_model import tiny_config
 
 import common as C

@@ -16,7 +16,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import cowclip_ctr as cc
+import cowclip_ctr as cc  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "cowclip_ctr.py")
 torch.set_num_threads(1)  # the suite shares 2 cores with other scripts' tests
@@ -210,7 +210,7 @@ def _pre(tmp_path, raw, kind="criteo", **kw):
 @pytest.mark.parametrize(
     "bad,msg",
     [
-        (["1", "5"], "expected 40 tab-separated fields"),
+        (["1", "5"], "field 'I2': missing; expected 40 tab-separated fields"),
         (CRITEO_ROWS[0][:3] + ["x7"] + CRITEO_ROWS[0][4:], "field 'I3': not an integer: 'x7'"),
         (
             CRITEO_ROWS[0][:20] + ["68FD1G64"] + CRITEO_ROWS[0][21:],
@@ -221,19 +221,19 @@ def _pre(tmp_path, raw, kind="criteo", **kw):
 )
 def test_preprocess_bad_row_fails_with_file_line_field_and_writes_nothing(tmp_path, bad, msg):
     raw = _write(tmp_path / "train.txt", CRITEO_ROWS[:7] + [bad] + CRITEO_ROWS[7:])
-    with pytest.raises(cc.BadRow, match=rf"train\.txt:8: {msg}"):
+    with pytest.raises(cc.InputError, match=rf"train\.txt:8: {msg}"):
         _pre(tmp_path, raw)
     assert os.listdir(tmp_path) == ["train.txt"]  # nothing half-written
 
 
-def test_preprocess_bad_row_cli_exits_nonzero_with_one_line(tmp_path):
+def test_preprocess_bad_row_cli_exits_2_with_one_line(tmp_path, capsys):
     bad = CRITEO_ROWS[0][:3] + ["x7"] + CRITEO_ROWS[0][4:]
     raw = _write(tmp_path / "train.txt", CRITEO_ROWS[:7] + [bad] + CRITEO_ROWS[7:])
-    # main() in-process: SystemExit(str) is what the interpreter turns into "print to stderr, exit 1"
     with pytest.raises(SystemExit) as e:
         cc.main(["--preprocess", "criteo", "--raw", raw, "--data", str(tmp_path / "x")])
-    msg = str(e.value.code)
-    assert "train.txt:8: field 'I3'" in msg and "--skip_bad_rows" in msg and "\n" not in msg
+    msg = capsys.readouterr().err
+    assert e.value.code == 2 and msg.count("\n") == 1
+    assert "train.txt:8: field 'I3'" in msg and "--skip_bad_rows" in msg
     assert not (tmp_path / "x").exists()
 
 
@@ -320,7 +320,7 @@ def test_preprocess_avazu_csv(tmp_path):
     assert meta["fields"][:3] == ["hour_of_day", "weekday", "weekend"]  # 2014-10-21 is a Tuesday
     assert Path(f"{out}/vocab/weekday.txt").read_text().split() == ["<OOV>", "1"]
     bad = _write(tmp_path / "bad", rows[:3] + [rows[3][:5]], sep=",", header=header)
-    with pytest.raises(cc.BadRow, match=r"bad:5: expected 24 comma-separated fields"):
+    with pytest.raises(cc.InputError, match=r"bad:5: field 'site_id': missing; expected 24 comma-separated fields"):
         _pre(tmp_path, bad, kind="avazu")
 
 

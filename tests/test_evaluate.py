@@ -18,6 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import benchmarks as B  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 
@@ -344,17 +345,17 @@ LOADER_FIXTURES = {"mmlu_csv": _mmlu, "ceval_csv": _ceval, "arc": _arc, "hellasw
 
 
 def test_every_loader_has_a_fixture():
-    assert set(LOADER_FIXTURES) == set(E.LOADERS)
+    assert set(LOADER_FIXTURES) == set(B.LOADERS)
 
 
 @pytest.mark.parametrize("name", sorted(LOADER_FIXTURES))
 def test_loader_parses_public_layout_and_names_bad_row(name, tmp_path):
     rel, kwargs, check, corrupt = LOADER_FIXTURES[name](tmp_path)
-    docs = E.LOADERS[name](tmp_path / rel, **kwargs)
+    docs = B.LOADERS[name](tmp_path / rel, **kwargs)
     assert docs and check(docs)
     corrupt()
-    with pytest.raises(E.DataError, match=r":\d+: ") as err:
-        E.LOADERS[name](tmp_path / rel, **kwargs)
+    with pytest.raises(B.InputError, match=r":\d+: ") as err:
+        B.LOADERS[name](tmp_path / rel, **kwargs)
     assert str(tmp_path) in str(err.value)  # the message names the file
 
 
@@ -365,7 +366,7 @@ def test_hellaswag_context_is_lm_evals_capitalize(tmp_path):
            "ctx_b": "the man then Pours WATER [header] into the cup",
            "endings": [" and drinks it. [step]", "Sings LOUDLY.", "pours it [title] slowly", "waits."], "label": "2"}
     write_jsonl(tmp_path / "hs.jsonl", [row])
-    doc, = E.load_hellaswag(tmp_path / "hs.jsonl")
+    doc, = B.load_hellaswag(tmp_path / "hs.jsonl")
     assert doc["question"] == "Making tea: A man fills a kettle. and waits. The man then pours water into the cup"
     assert doc["choices"] == ["and drinks it. ", "Sings LOUDLY.", "pours it. slowly", "waits."]
     assert doc["gold"] == 2
@@ -376,8 +377,8 @@ def test_hellaswag_rejects_rows_that_would_move_chance(tmp_path):
     for bad, field in [({"endings": ["1", "2", "3"]}, "endings"), ({"endings": ["1", "2", "3", 4]}, "endings"),
                        ({"label": ""}, "label"), ({"label": "4"}, "label")]:
         write_jsonl(tmp_path / "hs.jsonl", [good, {**good, **bad}])
-        with pytest.raises(E.DataError, match=rf"hs\.jsonl:2: field '{field}'"):
-            E.load_hellaswag(tmp_path / "hs.jsonl")
+        with pytest.raises(B.InputError, match=rf"hs\.jsonl:2: field '{field}'"):
+            B.load_hellaswag(tmp_path / "hs.jsonl")
 
 
 def test_registry_covers_the_seven_categories_and_groups():
@@ -390,8 +391,8 @@ def test_registry_covers_the_seven_categories_and_groups():
     assert len(E.GROUPS["mistral_plus"]) == 11 and len(E.GROUPS["ice_grt"]) == 12
     assert E.RECONSTRUCTED_GROUPS == {"mistral_plus", "ice_grt"}
     for t in E.TASKS.values():
-        assert t.loader in E.LOADERS and t.category in E.CATEGORIES
-        assert t.fewshot_loader in ("",) + tuple(E.LOADERS)
+        assert t.loader in B.LOADERS and t.category in E.CATEGORIES
+        assert t.fewshot_loader in ("",) + tuple(B.LOADERS)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def test_ratio_is_one_before_any_update_with_left_padding_and_mixed_lengths(tiny
         ref.lm_head.weight.copy_(actor.lm_head.weight)
     ro = P.rollout(actor, actor, ref, critic, lambda s, a, p, e: torch.zeros(len(s)), tok, prompts, cfg,
                    torch.device("cpu"), C.autocast_ctx(torch.device("cpu"), torch.float32),
-                   torch.Generator().manual_seed(0))
+                   torch.rand((3, 12), generator=torch.Generator().manual_seed(0)), 0)
     mask = ro["mask"]
     assert ro["attn"][:, 0].tolist().count(0) >= 2  # left padding present
     lengths = mask.sum(1).tolist()
@@ -367,24 +367,38 @@ def _ddp_train_worker(rank, port, cfg):
     P.train(cfg)
 
 
-def test_ddp_two_ranks_smoke_run(tiny_world, tmp_path):
-    """Two gloo processes through the script's own DDP path (init from RANK/WORLD_SIZE like torchrun)."""
+def test_ddp_two_ranks_equal_one_rank(tiny_world, tmp_path):
+    """Two gloo processes through the script's own DDP path (init from RANK/WORLD_SIZE like torchrun) train what
+    one process trains at the same global batch: the same episodes, minibatches and PPO-ptx documents (detail 18),
+    hence the same metrics and final weights, with 2 minibatches x 2 epochs and PPO-ptx on."""
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = tmp_path / "ddp"
-    cfg = tiny_cfg(tiny_world, out, total_iters=2, ppo_epochs=1, num_minibatches=1, save_every=1,
-                   ptx_coef=0.1, ptx_data=str(tiny_world / "corpus.jsonl"), ptx_batch_size=2)  # + PPO-ptx path
-    mp.start_processes(_ddp_train_worker, args=(port, cfg), nprocs=2, start_method="spawn")
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["iters_done"] == 2 and "final" in summary
-    assert M.is_checkpoint_dir(out / "final") and (out / "final" / "tokenizer.json").is_file()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if "objective/kl" in r]
-    assert len(train_rows) == 2 and all(math.isfinite(r["loss/value_avg"]) for r in train_rows)
-    assert train_rows[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)  # the one minibatch before its step
-    assert all(r["loss/ptx_avg"] > 0 for r in train_rows)
+    kw = dict(total_iters=2, ppo_epochs=2, num_minibatches=2, save_every=1, ptx_coef=0.1,
+              ptx_data=str(tiny_world / "corpus.jsonl"), ptx_batch_size=2)
+    one = P.train(tiny_cfg(tiny_world, tmp_path / "one", **kw))
+    mp.start_processes(_ddp_train_worker, args=(port, tiny_cfg(tiny_world, tmp_path / "two", **kw)), nprocs=2,
+                       start_method="spawn")
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["world_size"] == 2 and two["iters_done"] == 2 and one["world_size"] == 1
+    for part in ("final", "critic"):
+        a, b = (M.load_safetensors_dir(tmp_path / run / part) for run in ("one", "two"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)  # Adam turns reduction noise into <=1e-6
+        assert any(not torch.equal(a[k], M.load_safetensors_dir(tiny_world / ("policy" if part == "final" else
+                                                                              "rm"))[k]) for k in a)  # it trained
+    rows = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    train = [[r for r in rs if "objective/kl" in r] for rs in rows]
+    assert len(train[0]) == len(train[1]) == 2
+    for ra, rb in zip(*train):
+        for k in ("objective/scores", "objective/kl", "val/response_length", "loss/policy_avg", "loss/value_avg",
+                  "loss/ptx_avg", "val/ratio"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
+    evals = [[r for r in rs if "eval" in r] for rs in rows]
+    for ra, rb in zip(*evals):
+        assert ra["eval/reward"] == pytest.approx(rb["eval/reward"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -13,13 +13,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
-import pretrain  # noqa: E402
 import toyworld  # noqa: E402
+
+import pretrain  # noqa: E402
 from model import MistralForCausalLM, ModelConfig, load_safetensors_dir, train_tokenizer  # noqa: E402
 
-torch.set_num_threads(
-    1
-)  # tiny models: threads cost more than they give, and the suite shares 2 cores
+torch.set_num_threads(1)  # tiny models: threads cost more than they give, and the suite shares 2 cores
 TINY = [
     "--hidden_size",
     "32",
@@ -50,13 +49,8 @@ TINY = [
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pt")
     toyworld.main(["--size", "tiny", "--out", str(root / "toy")])
-    docs = [
-        json.loads(line)["text"]
-        for line in (root / "toy/corpus/train.jsonl").read_text().splitlines()
-    ]
-    train_tokenizer(docs, 400).save(
-        root / "tok"
-    )  # shared, so runs differ only in what is being tested
+    docs = [json.loads(line)["text"] for line in (root / "toy/corpus/train.jsonl").read_text().splitlines()]
+    train_tokenizer(docs, 400).save(root / "tok")  # shared, so runs differ only in what is being tested
     return {
         "root": root,
         "data": str(root / "toy/corpus/train.jsonl"),
@@ -66,9 +60,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def run(world, out: Path, *extra: str) -> Path:
-    pretrain.main(
-        ["--data", world["data"], "--tokenizer", world["tok"], "--out", str(out), *TINY, *extra]
-    )
+    pretrain.main(["--data", world["data"], "--tokenizer", world["tok"], "--out", str(out), *TINY, *extra])
     return out
 
 
@@ -81,18 +73,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_loss_falls_on_a_tiny_run(world, tmp_path):
-    out = run(
-        world,
-        tmp_path / "r",
-        "--max_steps",
-        "40",
-        "--batch_size",
-        "8",
-        "--lr",
-        "1e-2",
-        "--warmup_steps",
-        "5",
-    )
+    out = run(world, tmp_path / "r", "--max_steps", "40", "--batch_size", "8", "--lr", "1e-2", "--warmup_steps", "5")
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert losses[0] > 5.5  # ~ln(400) at initialisation
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5
@@ -102,16 +83,7 @@ def test_loss_falls_on_a_tiny_run(world, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(world, tmp_path):
-    common = [
-        "--max_steps",
-        "6",
-        "--batch_size",
-        "4",
-        "--warmup_steps",
-        "2",
-        "--save_interval",
-        "100",
-    ]
+    common = ["--max_steps", "6", "--batch_size", "4", "--warmup_steps", "2", "--save_interval", "100"]
     full = run(world, tmp_path / "full", *common)
     part = run(world, tmp_path / "part", *common, "--stop_after", "3")
     assert not (part / "final").exists() and (part / "last/train_state.pt").is_file()
@@ -147,23 +119,17 @@ def test_ddp_two_ranks_equal_one_rank_at_the_same_global_batch(world, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = weights(one / "final"), weights(tmp_path / "two/final")
-    # Adam's first update is lr * g / (|g| + eps): ~lr for every weight, whatever the gradient's
-    # size, so a
-    # wrong batch split or loss scale moves thousands of weights by ~1e-2. Reduction-order noise
-    # moves a
-    # weight whose gradient is ~eps by ~1e-6 at most; atol 1e-4 separates the two.
+    # Adam's first update is lr * g / (|g| + eps): ~lr for every weight, whatever the gradient's size, so a wrong batch
+    # split or loss scale moves thousands of weights by ~1e-2. Reduction-order noise moves a weight whose gradient is
+    # ~eps by ~1e-6 at most; atol 1e-4 separates the two.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
 
 
 def test_sft_batch_gives_zero_loss_weight_to_prompt_tokens():
-    examples = [
-        ([1, 10, 11, 12, 20, 21, 2], 4),
-        ([1, 13, 22, 2], 2),
-    ]  # (BOS + prompt + response + EOS, n_prompt)
+    examples = [([1, 10, 11, 12, 20, 21, 2], 4), ([1, 13, 22, 2], 2)]  # (BOS + prompt + response + EOS, n_prompt)
     x, y, w = pretrain.sft_batch(examples, torch.tensor([0, 1]), pad_id=0)
-    # hand-computed: targets are the next tokens; weight 1 exactly where the target is a response
-    # token or EOS
+    # hand-computed: targets are the next tokens; weight 1 exactly where the target is a response token or EOS
     assert y.tolist() == [[10, 11, 12, 20, 21, 2], [13, 22, 2, 0, 0, 0]]
     assert w.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0]]
     # and the weighted loss equals a naive sum of -log p(response token | everything before it)
@@ -233,5 +199,3 @@ def test_sft_from_init_and_bf16_autocast_run_on_cpu(world, tmp_path):
     s = json.loads((sft / "summary.json").read_text())
     assert s["steps"] == 2 and s["val_loss"] == s["val_loss"]  # finite, not NaN
     assert (sft / "final/tokenizer.json").is_file()
-
-

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -347,11 +346,17 @@ def test_ddp_two_ranks_equal_one_rank(world, tmp_path):
     assert sb["reward_mean"] == pytest.approx(sa["reward_mean"], abs=1e-4)
 
 
-def test_bradley_terry_gradient_matches_finite_difference_direction():
-    """Gradient of the BT loss w.r.t. the margin d is -sigmoid(-d) / n (analytic derivative)."""
-    rc = torch.tensor([0.3, -1.2], requires_grad=True)
-    rr = torch.tensor([0.1, 0.4])
-    R.bradley_terry_loss(rc, rr).backward()
-    want = -torch.sigmoid(-(rc.detach() - rr)) / 2
-    torch.testing.assert_close(rc.grad, want)
-    torch.testing.assert_close(F.logsigmoid(torch.tensor(0.0)), torch.tensor(-math.log(2)))
+def test_bradley_terry_loss_and_gradient_equal_the_hand_derived_formula():
+    """Value against a naive -log(1 / (1 + exp(-(r_c - r_r - m)))) + c (r_c + r_r)^2, averaged; gradient against
+    its derivative -sigmoid(-(r_c - r_r - m)) / n + 2 c (r_c + r_r) / n, worked out by hand."""
+    rc = torch.tensor([0.3, -1.2, 2.0], requires_grad=True)
+    rr = torch.tensor([0.1, 0.4, -0.5])
+    m, c, n = torch.tensor([0.0, 0.5, 1.0]), 0.01, 3
+    loss = R.bradley_terry_loss(rc, rr, m, center_coef=c)
+    d = [float(x) for x in (rc.detach() - rr - m)]
+    s = [float(x) for x in (rc.detach() + rr)]
+    naive = sum(-math.log(1 / (1 + math.exp(-di))) + c * si * si for di, si in zip(d, s)) / n
+    assert loss.item() == pytest.approx(naive, rel=1e-6)
+    loss.backward()
+    want = [-1 / (1 + math.exp(di)) / n + 2 * c * si / n for di, si in zip(d, s)]
+    assert rc.grad.tolist() == pytest.approx(want, rel=1e-5)

