@@ -634,20 +634,8 @@ def check_config(cfg: PPOConfig, world: int) -> None:
     check_output_path(cfg.out)
 
 
-def train(cfg: PPOConfig, score_fn=None) -> dict:
-    """The whole run. `score_fn(seq, attn, P, has_eos) -> (B,)` replaces the reward model (tests use a
-    synthetic reward); by default the RM at cfg.reward_model scores."""
-    dist_info = init_distributed(cfg.device)
-    rank, world = dist_info.rank, dist_info.world_size
-    dev, ptdtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
-    if dev.type == "cpu" and dist_info.ddp:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))  # ranks share the cores
-    amp = autocast_ctx(dev, ptdtype)
-    frozen_dtype = None if ptdtype == torch.float32 else ptdtype  # frozen models stored in the compute dtype
-
-    # ---- setup: inputs are all read (and validated) before anything is written (input problems raise
-    # InputError: one line and exit code 2 through common.cli)
-    check_config(cfg, world)
+def load_data(cfg: PPOConfig) -> tuple[list, list, list[str], list[str], re.Pattern | None]:
+    """Prompt sources (detail 10), held-out prompts and corpus, PPO-ptx documents, the toy lexicon."""
     sources = [load_prompts(s) for s in cfg.prompts]
     eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
     eval_prompts = eval_prompts[:cfg.eval_n] if cfg.eval_n else eval_prompts
@@ -660,8 +648,13 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{cfg.toxic_lexicon}: field 'toxic_lexicon': cannot read a word list "
                              f"({e!r})") from None
-    from reward_model import RewardModel  # the only import beyond model.py (DESIGN.md)
+    return sources, eval_prompts, corpus, ptx_docs, lexicon_re
 
+
+def load_models(cfg: PPOConfig, dev: torch.device, frozen_dtype: torch.dtype | None, score_fn):
+    """The four models of detail 2 (and a resumed run's training state), each checkpoint checked on load.
+    Returns (tok, actor, ref, rm, critic, score_fn, resume_state); rm is None when `score_fn` is given."""
+    from reward_model import RewardModel  # the only import beyond model.py and common.py
     state_dir = resolve_resume(cfg.resume) if cfg.resume else None
     tok = Tokenizer.from_file(cfg.actor)
     actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.actor, dev)
@@ -690,7 +683,78 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             ts = json.loads(read_text(state_dir / "trainer_state.json"))
         except json.JSONDecodeError as e:
             raise InputError(f"{state_dir / 'trainer_state.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
-    critic = critic.float()
+    resume_state = (state_dir, opt_state, ts) if state_dir else None
+    return tok, actor, ref, rm, critic.float(), score_fn, resume_state
+
+
+def rewards_and_advantages(ro: dict, cfg: PPOConfig, kl_coef: float, moments: RunningMoments, rm_stats: tuple
+                           ) -> tuple[torch.Tensor, ...]:
+    """Shaped score (6, 12), per-token rewards with the KL penalty (3, 5), GAE (8) and their normalisation (7, 11).
+    `rm_stats` is the reward model's stored (mean, std) for `reward_norm fixed`."""
+    mask = ro["mask"]
+    if cfg.reward_norm == "running":
+        moments.update(ro["raw_score"])
+        mean, std = moments.mean, moments.std
+    elif cfg.reward_norm == "fixed":
+        mean, std = rm_stats
+    else:
+        mean, std = 0.0, 1.0
+    score = shape_score(ro["raw_score"], ro["has_eos"], cfg.reward_norm, mean, std, cfg.reward_scale,
+                        cfg.reward_clip, cfg.missing_eos_penalty)  # 6 + 12
+    rewards, kl = compute_rewards(score, ro["old_lp"], ro["ref_lp"], mask, kl_coef, cfg.kl_estimator)  # 3 + 5
+    if cfg.whiten_rewards:  # 11
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = gae_advantages(rewards, ro["values"], mask, cfg.gamma, cfg.lam)  # 8
+    if cfg.adv_norm == "global":  # 7: ADVANTAGE NORMALIZATION over the rollout batch of all ranks
+        adv = masked_whiten(adv, mask)
+    return score, rewards, kl, adv, returns
+
+
+def rollout_statistics(st: MaskedStats, ro: dict, score: torch.Tensor, rewards: torch.Tensor, kl: torch.Tensor,
+                       returns: torch.Tensor, kl_coef: float, tok: Tokenizer, lexicon_re: re.Pattern | None) -> None:
+    """This rank's rollout rows into the iteration's statistics (reduced over ranks by `st.means`)."""
+    mask, P = ro["mask"], ro["P"]
+    st.add("objective/kl", ((ro["old_lp"] - ro["ref_lp"]) * mask).sum(1))  # reported KL: always k1, summed
+    st.add("objective/kl_k3", (kl_penalty(ro["old_lp"], ro["ref_lp"], "k3") * mask).sum(1))
+    st.add("objective/kl_per_token", ro["old_lp"] - ro["ref_lp"], mask)
+    st.add("objective/scores", ro["raw_score"])
+    st.add("objective/shaped_scores", score)
+    st.add("objective/non_score_reward", (-kl_coef * kl).sum(1))
+    st.add("objective/rlhf_reward", rewards.sum(1))
+    st.add("objective/entropy", -(ro["old_lp"] * mask).sum(1))
+    st.add("policy/entropy_avg", ro["entropy"], mask)
+    st.add("val/num_eos_tokens", ro["has_eos"].float())  # EOS rate (detail 12)
+    if lexicon_re is not None:  # the toy toxicity rate of this batch's responses (all prompt kinds)
+        texts = tok.tk.decode_batch([r[m.bool()].tolist() for r, m in zip(ro["seq"][:, P:].cpu(), mask.cpu())])
+        st.add("val/toxicity_rate", torch.tensor([float(bool(lexicon_re.search(t.lower()))) for t in texts],
+                                                 device=mask.device))
+    st.add("val/response_length", mask.sum(1))
+    st.add("val/values", ro["values"], mask)
+    st.add("val/returns", returns, mask)
+    st.add("val/returns_sq", returns ** 2, mask)
+    st.add("val/res_sq", (returns - ro["values"]) ** 2, mask)
+    st.add("val/res", returns - ro["values"], mask)
+    st.add("tokens", mask.sum())
+
+
+def train(cfg: PPOConfig, score_fn=None) -> dict:
+    """The whole run. `score_fn(seq, attn, P, has_eos) -> (B,)` replaces the reward model (tests use a
+    synthetic reward); by default the RM at cfg.reward_model scores."""
+    dist_info = init_distributed(cfg.device)
+    rank, world = dist_info.rank, dist_info.world_size
+    dev, ptdtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
+    if dev.type == "cpu" and dist_info.ddp:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))  # ranks share the cores
+    amp = autocast_ctx(dev, ptdtype)
+    frozen_dtype = None if ptdtype == torch.float32 else ptdtype  # frozen models stored in the compute dtype
+
+    # ---- setup: inputs are all read (and validated) before anything is written (input problems raise
+    # InputError: one line and exit code 2 through common.cli)
+    check_config(cfg, world)
+    sources, eval_prompts, corpus, ptx_docs, lexicon_re = load_data(cfg)
+
+    tok, actor, ref, rm, critic, score_fn, resume_state = load_models(cfg, dev, frozen_dtype, score_fn)
+    state_dir = resume_state[0] if resume_state else None
     for m in (ref, rm):
         if m is not None:
             m.eval().requires_grad_(False)
@@ -710,7 +774,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                               weight_decay=0)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only, one code path
     kl_coef, moments, start_it, extra = cfg.kl_coef, RunningMoments(), 0, {}
-    if state_dir:
+    if resume_state:
+        _, opt_state, ts = resume_state
         opt_a.load_state_dict(opt_state["opt_actor"])
         opt_c.load_state_dict(opt_state["opt_critic"])
         scaler.load_state_dict(opt_state["scaler"])
@@ -785,27 +850,13 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         pad_to = encode_prompts(tok, prompts, cfg.max_prompt_len)[0].shape[1]  # the global batch's width
         ro = rollout(actor, actor_fwd, ref, critic_fwd, score_fn, tok, prompts[rows], cfg, dev, amp,
                      uniforms[rows].to(dev), pad_to)
-        mask, has_eos = ro["mask"], ro["has_eos"]
+        mask = ro["mask"]
 
         # ---- rewards and advantages
         t_adv = time.perf_counter()
         with torch.no_grad():
-            if cfg.reward_norm == "running":
-                moments.update(ro["raw_score"])
-                mean, std = moments.mean, moments.std
-            elif cfg.reward_norm == "fixed":
-                mean, std = (rm.reward_mean, rm.reward_std) if rm is not None else (0.0, 1.0)
-            else:
-                mean, std = 0.0, 1.0
-            score = shape_score(ro["raw_score"], has_eos, cfg.reward_norm, mean, std, cfg.reward_scale,
-                                cfg.reward_clip, cfg.missing_eos_penalty)  # 6 + 12
-            rewards, kl = compute_rewards(score, ro["old_lp"], ro["ref_lp"], mask, kl_coef,
-                                          cfg.kl_estimator)  # 3 + 5
-            if cfg.whiten_rewards:  # 11
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-            adv, returns = gae_advantages(rewards, ro["values"], mask, cfg.gamma, cfg.lam)  # 8
-            if cfg.adv_norm == "global":  # 7: ADVANTAGE NORMALIZATION over the rollout batch of all ranks
-                adv = masked_whiten(adv, mask)
+            rm_stats = (rm.reward_mean, rm.reward_std) if rm is not None else (0.0, 1.0)
+            score, rewards, kl, adv, returns = rewards_and_advantages(ro, cfg, kl_coef, moments, rm_stats)
 
         # ---- PPO update: several epochs over shuffled minibatches. Detail 18: the rollout batch is gathered, so
         # a minibatch is the same set of global rows for any world size; rank r trains on its share of each
@@ -887,31 +938,9 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         actor.eval(), critic.eval()
         t_done = time.perf_counter()
 
-        # ---- logging: global statistics (N+ names)
+        # ---- logging: global statistics of this iteration's rollouts (N+ names)
         with torch.no_grad():
-            k1_seq = ((ro["old_lp"] - ro["ref_lp"]) * mask).sum(1)  # reported KL: always k1, summed
-            st.add("objective/kl", k1_seq)
-            st.add("objective/kl_k3", (kl_penalty(ro["old_lp"], ro["ref_lp"], "k3") * mask).sum(1))
-            st.add("objective/kl_per_token", ro["old_lp"] - ro["ref_lp"], mask)
-            st.add("objective/scores", ro["raw_score"])
-            st.add("objective/shaped_scores", score)
-            st.add("objective/non_score_reward", (-kl_coef * kl).sum(1))
-            st.add("objective/rlhf_reward", rewards.sum(1))
-            st.add("objective/entropy", -(ro["old_lp"] * mask).sum(1))
-            st.add("policy/entropy_avg", ro["entropy"], mask)
-            st.add("val/num_eos_tokens", has_eos.float())  # EOS rate (detail 12)
-            if lexicon_re is not None:  # the toy toxicity rate of this batch's responses (all prompt kinds)
-                texts = tok.tk.decode_batch([r[mm.bool()].tolist() for r, mm in
-                                             zip(seq[:, P:].cpu(), mask.cpu())])
-                st.add("val/toxicity_rate", torch.tensor([float(bool(lexicon_re.search(t.lower())))
-                                                         for t in texts], device=dev))
-            st.add("val/response_length", mask.sum(1))
-            st.add("val/values", ro["values"], mask)
-            st.add("val/returns", returns, mask)
-            st.add("val/returns_sq", returns ** 2, mask)
-            st.add("val/res_sq", (returns - ro["values"]) ** 2, mask)
-            st.add("val/res", returns - ro["values"], mask)
-            st.add("tokens", mask.sum())
+            rollout_statistics(st, ro, score, rewards, kl, returns, kl_coef, tok, lexicon_re)
         s = st.means()
         n_tok = s.pop("tokens") * world  # a sum over the batch, not a mean: multiply back
         var_ret = s["val/returns_sq"] - s["val/returns"] ** 2

@@ -28,8 +28,8 @@ Implementation details:
    cosine decay to `min_lr_ratio * lr`, global-norm gradient clipping.
 8. SFT (`--sft`): rows are `{"prompt", "response"}` or HH-RLHF transcripts (`{"chosen"}` or `{"text"}`, split at
    the last "\\n\\nAssistant:"). The sequence is BOS + prompt + response + EOS; prompt and padding tokens get
-   loss weight zero, so only the response (and its EOS) is learned. Prompt and response are tokenized
-   separately, exactly as generation later sees them.
+   loss weight zero, so only the response (and its EOS) is learned. The response tokens are cut from the tokens
+   of the joined text (`Tokenizer.encode_pair`, lm-eval's rule), exactly as generation after the prompt sees them.
 9. Resume: `last/` holds the weights (safetensors) and `train_state.pt` (optimizer, step, data-generator and
    RNG state; loaded with weights_only=True); a resumed run reaches the same weights as an uninterrupted one.
 10. MFU: tokens/s x `model.flops_per_token` divided by the GPU's datasheet peak, or on CPU by this machine's
@@ -51,6 +51,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -404,88 +405,12 @@ def toy_probe(model, tok: Tokenizer, world: Path, n_prompts: int, device, dtype,
 # Training
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
-    train_state = None
-    if cfg.resume:
-        saved = Path(cfg.resume) / "config.json"
-        if not saved.is_file() or not (Path(cfg.resume) / "last" / "train_state.pt").is_file():
-            fail(f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)")
-        keep = {"stop_after": cfg.stop_after, "resume": cfg.resume}
-        try:
-            cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
-        except (json.JSONDecodeError, TypeError) as e:
-            fail(f"{saved}: not the config.json of a pretrain.py run ({e})")
-        train_state = load_train_state(Path(cfg.resume) / "last" / "train_state.pt")
-    check_settings(
-        cfg,
-        positive=(
-            "batch_size",
-            "max_steps",
-            "lr",
-            "seq_len",
-            "eval_batches",
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "intermediate_size",
-            "rope_theta",
-        ),
-        non_negative=("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "stop_after", "probe_prompts"),
-        fraction=("valid_fraction", "min_lr_ratio", "beta1", "beta2"),
-    )
-    check_output_path(cfg.out)
-    dist_info = init_distributed(cfg.device)
-    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
-    if device.type == "cpu" and dist_info.ddp:  # share the cores between ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    out = Path(cfg.out)
-    for name in ("log_interval", "eval_interval", "sample_interval", "save_interval"):
-        if getattr(cfg, name) < 0:
-            fail(f"--{name} {getattr(cfg, name)}: must be >= 0 (0 = only at the end)")
-    if cfg.sft and not cfg.init and not cfg.resume:
-        fail("--sft needs --init DIR (the base model to fine-tune)")
-
-    # ---- setup: read and validate all input before writing anything
-    if cfg.init:
-        check_checkpoint_dir(cfg.init, "--init")
-    docs = read_sft(cfg.data) if cfg.sft else read_texts(cfg.data)
-    valid_path = cfg.valid_data
-    if valid_path == "auto":
-        sib = data_files(cfg.data)[0].parent / "valid.jsonl"
-        valid_path = str(sib) if sib.is_file() and not cfg.sft and sib != Path(cfg.data) else ""
-    valid_docs = (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
-
-    tok_src = cfg.tokenizer or (cfg.resume and str(out / "last")) or cfg.init
-    tok = None
-    if tok_src:
-        try:
-            tok = Tokenizer.from_file(tok_src)
-        except (FileNotFoundError, ValueError) as e:
-            fail(f"{e} (pass --tokenizer PATH)")
-
-    init_model = None  # the checkpoint is opened and checked (config, shapes, tokenizer) before any output
-    if cfg.init:
-        init_model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
-        check_tokenizer_fits(tok, init_model.config.vocab_size, f"--init {cfg.init}")
-    W = dist_info.world_size
-    micro = cfg.micro_batch_size or cfg.batch_size // W
-    if micro < 1 or cfg.batch_size % (micro * W):
-        fail(f"--batch_size {cfg.batch_size}: must be a multiple of micro_batch_size {micro} x world size {W}")
-    accum = cfg.batch_size // (micro * W)
-
-    # ---- outputs start here
-    if dist_info.is_main:
-        output_dir(out)
-        write_json_atomic(out / "config.json", asdict(cfg))
-    if tok is None:  # detail 1: rank 0 trains the tokenizer, the others load it
-        if dist_info.is_main:
-            train_tokenizer(docs, cfg.vocab_size).save(out / "tokenizer")
-        if dist_info.ddp:
-            torch.distributed.barrier()
-        tok = Tokenizer.from_file(out / "tokenizer")
+def prepare_data(cfg: Config, docs: list, valid_docs: list | None, valid_path: str, tok: Tokenizer, out: Path,
+                 dist_info) -> tuple[Any, Any, int, int]:
+    """Training and held-out sources: token memmaps for pretraining (detail 2: rank 0 writes the cache, the others
+    wait, then every rank memmaps the same file), (ids, n_prompt) examples for SFT (detail 8).
+    Returns (train, valid, size in tokens or examples, SFT examples dropped as too long)."""
+    dropped = 0
     # token cache (detail 2): rank 0 writes, the others wait, then everyone memmaps the same file
     key = file_digest(
         data_files(cfg.data) + ([Path(valid_path)] if valid_path else []),
@@ -516,6 +441,92 @@ def main(argv: list[str] | None = None) -> None:
         if not examples or not vexamples:
             fail(f"{cfg.data}: no SFT example fits seq_len {cfg.seq_len}")
         n_data = len(examples)
+
+    if cfg.sft:
+        return examples, vexamples, n_data, dropped
+    return tokens, vtokens, n_data, dropped
+
+
+def read_config(argv: list[str] | None) -> tuple[Config, dict | None]:
+    """Flags (or, with --resume, the interrupted run's config.json) and the resume state, all checked."""
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    train_state = None
+    if cfg.resume:
+        saved = Path(cfg.resume) / "config.json"
+        if not saved.is_file() or not (Path(cfg.resume) / "last" / "train_state.pt").is_file():
+            fail(f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)")
+        keep = {"stop_after": cfg.stop_after, "resume": cfg.resume}
+        try:
+            cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
+        except (json.JSONDecodeError, TypeError) as e:
+            fail(f"{saved}: not the config.json of a pretrain.py run ({e})")
+        train_state = load_train_state(Path(cfg.resume) / "last" / "train_state.pt")
+    check_settings(cfg, positive=("batch_size", "max_steps", "lr", "seq_len", "eval_batches", "vocab_size",
+                                  "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                  "intermediate_size", "rope_theta"),
+                   non_negative=("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "stop_after",
+                                 "probe_prompts", "log_interval", "eval_interval", "sample_interval",
+                                 "save_interval"),
+                   fraction=("valid_fraction", "min_lr_ratio", "beta1", "beta2"))
+    check_output_path(cfg.out)
+    return cfg, train_state
+
+
+def read_inputs(cfg: Config, out: Path) -> tuple[list, list | None, str, Tokenizer | None, Any]:
+    """Data, held-out data, tokenizer and --init checkpoint, opened and checked (config, shapes, tokenizer)
+    before any output. Returns (docs, valid_docs, valid_path, tokenizer or None to train one, init model)."""
+    if cfg.sft and not cfg.init and not cfg.resume:
+        fail("--sft needs --init DIR (the base model to fine-tune)")
+    if cfg.init:
+        check_checkpoint_dir(cfg.init, "--init")
+    docs = read_sft(cfg.data) if cfg.sft else read_texts(cfg.data)
+    valid_path = cfg.valid_data
+    if valid_path == "auto":
+        sib = data_files(cfg.data)[0].parent / "valid.jsonl"
+        valid_path = str(sib) if sib.is_file() and not cfg.sft and sib != Path(cfg.data) else ""
+    valid_docs = (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
+
+    tok_src = cfg.tokenizer or (cfg.resume and str(out / "last")) or cfg.init
+    tok = None
+    if tok_src:
+        try:
+            tok = Tokenizer.from_file(tok_src)
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"{e} (pass --tokenizer PATH)")
+
+    init_model = None
+    if cfg.init:
+        init_model = MistralForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        check_tokenizer_fits(tok, init_model.config.vocab_size, f"--init {cfg.init}")
+    return docs, valid_docs, valid_path, tok, init_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    # ---- setup: read and validate every setting and input before writing anything
+    cfg, train_state = read_config(argv)
+    dist_info = init_distributed(cfg.device)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, dist_info.local_rank)
+    if device.type == "cpu" and dist_info.ddp:  # share the cores between ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    out = Path(cfg.out)
+    docs, valid_docs, valid_path, tok, init_model = read_inputs(cfg, out)
+    W = dist_info.world_size
+    micro = cfg.micro_batch_size or cfg.batch_size // W
+    if micro < 1 or cfg.batch_size % (micro * W):
+        fail(f"--batch_size {cfg.batch_size}: must be a multiple of micro_batch_size {micro} x world size {W}")
+    accum = cfg.batch_size // (micro * W)
+
+    # ---- outputs start here
+    if dist_info.is_main:
+        output_dir(out)
+        write_json_atomic(out / "config.json", asdict(cfg))
+    if tok is None:  # detail 1: rank 0 trains the tokenizer, the others load it
+        if dist_info.is_main:
+            train_tokenizer(docs, cfg.vocab_size).save(out / "tokenizer")
+        if dist_info.ddp:
+            torch.distributed.barrier()
+        tok = Tokenizer.from_file(out / "tokenizer")
+    train_src, valid_src, n_data, dropped = prepare_data(cfg, docs, valid_docs, valid_path, tok, out, dist_info)
 
     # ---- model
     torch.manual_seed(cfg.seed)
@@ -584,10 +595,10 @@ def main(argv: list[str] | None = None) -> None:
     def get_batch(gen: torch.Generator, val: bool = False):
         """The global batch's indices (same on all ranks), sliced to this rank (detail 4)."""
         if cfg.sft:
-            pool = vexamples if val else examples
+            pool = valid_src if val else train_src
             idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)
             return pool, idx
-        src = vtokens if val else tokens
+        src = valid_src if val else train_src
         return src, torch.randint(0, len(src) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
 
     def micro_batches(src, idx):
