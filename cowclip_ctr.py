@@ -114,16 +114,12 @@ class Config:
     out: str = "out/cowclip_ctr"  # output folder: config.json, metrics.jsonl, summary.json, model
     n_train: int = 200_000  # synthetic: training rows
     n_test: int = 50_000  # synthetic: test rows (the Bayes AUC is measured on these)
-    synth_vocab: int = (
-        20_000  # synthetic: approximate total rows of the concatenated embedding table
-    )
+    synth_vocab: int = 20_000  # synthetic: approximate total rows of the concatenated embedding table
     synth_seed: int = 0  # synthetic: seed of the hidden model and the samples
     # --- preprocessing (runs instead of training when set)
     preprocess: str = ""  # "criteo" or "avazu": convert --raw into the folder --data, then exit
     raw: str = ""  # raw Criteo Kaggle train.txt (TSV, no header) or Avazu train (CSV with header)
-    encoding: str = (
-        "lbctr"  # lbctr: reference LabelEncoder + MinMax; bars: ln^2 buckets + min_count OOV
-    )
+    encoding: str = "lbctr"  # lbctr: reference LabelEncoder + MinMax; bars: ln^2 buckets + min_count OOV
     min_count: int = 10  # bars encoding: values seen fewer times map to the field's OOV id 0
     test_frac: float = 0.1  # held-out fraction (reference: 0.1 Criteo, 0.2 Avazu)
     valid_frac: float = 0.0  # validation fraction (reference: none; BARS: 0.1)
@@ -135,9 +131,7 @@ class Config:
     init_std: float = 1e-2  # std of the E init (README commands; DeepCTR default 1e-4)
     # --- large-batch recipe (details 3-5); base values = the README's Criteo 1K row
     batch_size: int = 1024  # GLOBAL batch
-    scale_rule: str = (
-        "cowclip"  # cowclip | sqrt | linear | none: derive lrs and L2 from the 1K base
-    )
+    scale_rule: str = "cowclip"  # cowclip | sqrt | linear | none: derive lrs and L2 from the 1K base
     base_batch: int = 1024  # the batch the base values are tuned for
     base_lr_dense: float = 8e-4  # dense lr at the base batch
     base_lr_embed: float = 1e-4  # embedding lr at the base batch
@@ -163,12 +157,8 @@ class Config:
     stop_after_steps: int = 0  # stop after this step as if interrupted, leaving a checkpoint; 0 = run to the end
     # --- sweep
     sweep: bool = False  # run sweep_batches x sweep_rules and write sweep.md / sweep.json
-    sweep_batches: str = (
-        "1024,2048,4096,8192,16384,32768,65536,131072"  # global batches of the sweep
-    )
-    sweep_rules: str = (
-        "cowclip,sqrt,linear,none"  # cowclip runs with --clip code, the others with none
-    )
+    sweep_batches: str = "1024,2048,4096,8192,16384,32768,65536,131072"  # global batches of the sweep
+    sweep_rules: str = "cowclip,sqrt,linear,none"  # cowclip runs with --clip code, the others with none
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,8 +235,11 @@ def check_config(cfg: Config, world: int) -> None:
             raise InputError("--sweep: runs in one process; launch it without torchrun")
         need(positive_ints(cfg.sweep_batches), "sweep_batches", "must be comma-separated positive batches, e.g. 1024")
         rules = CHOICES["scale_rule"]
-        need(all(r in rules for r in cfg.sweep_rules.split(",")), "sweep_rules",
-             f"must be a comma-separated list of {'|'.join(rules)}")
+        need(
+            all(r in rules for r in cfg.sweep_rules.split(",")),
+            "sweep_rules",
+            f"must be a comma-separated list of {'|'.join(rules)}",
+        )
     check_output_path("out", cfg.out)
 
 
@@ -281,9 +274,7 @@ def cowclip_(
     rows, counts = torch.unique(ids.reshape(-1), return_counts=True)  # present ids and their counts
     g = grad[rows]  # (U, d)
     g_norm = g.norm(dim=1)
-    t = cowclip_threshold(
-        weight[rows].norm(dim=1), counts.to(g.dtype), r, zeta, weight.shape[1], mode
-    )
+    t = cowclip_threshold(weight[rows].norm(dim=1), counts.to(g.dtype), r, zeta, weight.shape[1], mode)
     clipped = g_norm > t
     # g * min(1, t / ||g||); rows with ||g|| <= t (zero rows included) are left bit-identical
     scale = torch.where(clipped, t / torch.where(clipped, g_norm, 1.0), 1.0)
@@ -345,7 +336,8 @@ def glorot_normal_(w: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # synthetic Criteo-like data (detail 10)
 
-# Criteo Kaggle C1..C26 cardinalities (DLRM Kaggle defaults), rough missing rates (ref. h.2, h.4)
+# Criteo Kaggle C1..C26 cardinalities (facebookresearch/dlrm Kaggle defaults), rough missing rates (from
+# bytedance/LargeBatchCTR's 200-row criteo_sample.txt)
 CRITEO_CARDS = [
     1460,
     583,
@@ -402,9 +394,7 @@ def synthetic_cardinalities(total: int) -> list[int]:
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sum(cards(mid)) < total else (lo, mid)
-    return [
-        c + 1 for c in cards(lo)
-    ]  # + id 0 = "missing" (one missing id per field, reference h.3)
+    return [c + 1 for c in cards(lo)]  # + id 0 = "missing" (one missing id per field)
 
 
 def make_synthetic(cfg: Config) -> dict:
@@ -416,7 +406,7 @@ def make_synthetic(cfg: Config) -> dict:
     logit = np.zeros(n)
     factors = []
     for f, (card, orig) in enumerate(zip(cards, CRITEO_CARDS)):
-        # Zipf id frequencies (reference h.3): heavier tails for the huge fields
+        # Zipf id frequencies (a power-law fit of ours, not published): heavier tails for the huge fields
         a = 1.1 if orig > 1_000_000 else 1.3 if orig > 50_000 else 1.2
         p = 1.0 / np.arange(1, card) ** a
         col = rng.permutation(np.arange(1, card))[rng.choice(card - 1, size=n, p=p / p.sum())]
@@ -430,18 +420,14 @@ def make_synthetic(cfg: Config) -> dict:
     for f, g in pairs:  # hidden pairwise interactions, an FM-shaped signal DeepFM can represent
         logit += (factors[f][ids[:, f]] * factors[g][ids[:, g]]).sum(1) / 2
     raw = np.zeros((n, 13))
-    for j in range(13):  # heavy-tailed counts (log-normal), I2 may be -1 (reference h.5)
+    for j in range(13):  # heavy-tailed counts (log-normal), I2 may be -1 (as in the Criteo data)
         x = np.floor(np.exp(rng.normal(math.log(INT_MEDIAN[j] + 1), 1.3, n))) - (2 if j == 1 else 1)
-        x[rng.random(n) < INT_MISSING[j]] = (
-            0  # the reference fills missing with 0 (the model sees the same)
-        )
+        x[rng.random(n) < INT_MISSING[j]] = 0  # the reference fills missing with 0 (the model sees the same)
         z = np.log1p(np.maximum(x, 0))
         logit += rng.normal(0, 0.05) * (z - z.mean()) / (z.std() + 1e-9)
         raw[:, j] = x
-    dense = ((raw - raw.min(0)) / np.maximum(raw.max(0) - raw.min(0), 1e-12)).astype(
-        np.float32
-    )  # MinMax
-    lo, hi = -10.0, 10.0  # calibrate the intercept to Criteo's 25.6% positives (reference h.1)
+    dense = ((raw - raw.min(0)) / np.maximum(raw.max(0) - raw.min(0), 1e-12)).astype(np.float32)  # MinMax
+    lo, hi = -10.0, 10.0  # calibrate the intercept to Criteo Kaggle's 25.6% positives
     for _ in range(50):
         b0 = (lo + hi) / 2
         lo, hi = (b0, hi) if (1 / (1 + np.exp(-(logit + b0)))).mean() < 0.256 else (lo, b0)
@@ -497,17 +483,11 @@ def load_preprocessed(folder: str) -> dict:
 
 
 class DeepFM(nn.Module):
-    def __init__(
-        self, field_dims: list[int], n_dense: int, embed_dim: int, mlp: list[int], init_std: float
-    ):
+    def __init__(self, field_dims: list[int], n_dense: int, embed_dim: int, mlp: list[int], init_std: float):
         super().__init__()
-        self.register_buffer(
-            "offsets", torch.tensor(np.cumsum([0] + field_dims[:-1]), dtype=torch.int32)
-        )
+        self.register_buffer("offsets", torch.tensor(np.cumsum([0] + field_dims[:-1]), dtype=torch.int32))
         vocab = sum(field_dims)
-        self.embed = nn.Embedding(
-            vocab, embed_dim
-        )  # E: shared by FM and DNN, the only clipped table
+        self.embed = nn.Embedding(vocab, embed_dim)  # E: shared by FM and DNN, the only clipped table
         nn.init.normal_(self.embed.weight, std=init_std)
         self.linear_embed = nn.Embedding(vocab, 1)  # L: first-order weights, zero init (DeepCTR)
         nn.init.zeros_(self.linear_embed.weight)
@@ -524,9 +504,7 @@ class DeepFM(nn.Module):
         self.mlp_out = nn.Linear(width, 1, bias=False)
         glorot_normal_(self.mlp_out.weight)
         self.bias = nn.Parameter(torch.zeros(1))  # global bias of DeepCTR's PredictionLayer
-        self.mlp_dtype: torch.dtype | None = (
-            None  # set to bf16/fp16 for autocast of the MLP (detail 7)
-        )
+        self.mlp_dtype: torch.dtype | None = None  # set to bf16/fp16 for autocast of the MLP (detail 7)
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         # ids: (B, F) offset ids into the concatenated tables; dense: (B, n_dense)
@@ -534,9 +512,7 @@ class DeepFM(nn.Module):
         first = self.linear_embed(ids).sum((1, 2)) + self.dense_kernel(dense).squeeze(-1)  # (B,)
         x = torch.cat([e.flatten(1), dense], 1)  # (B, F*d + n_dense)
         with torch.autocast(
-            ids.device.type,
-            dtype=self.mlp_dtype or torch.bfloat16,
-            enabled=self.mlp_dtype is not None,
+            ids.device.type, dtype=self.mlp_dtype or torch.bfloat16, enabled=self.mlp_dtype is not None
         ):
             deep = self.mlp_out(self.mlp(x)).squeeze(-1)
         return first + fm_term(e) + deep.float() + self.bias  # logits (B,)
@@ -556,9 +532,7 @@ def make_optimizers(model: DeepFM, hp: dict) -> tuple[torch.optim.Adam, torch.op
     kw = {"betas": (0.9, 0.999), "eps": 1e-7, "fused": True}
     return (
         torch.optim.Adam(embedding_params(model), lr=hp["lr_embed"], **kw),
-        torch.optim.Adam(
-            dense_params(model), lr=1e-8 if hp["warmup_steps"] else hp["lr_dense"], **kw
-        ),
+        torch.optim.Adam(dense_params(model), lr=1e-8 if hp["warmup_steps"] else hp["lr_dense"], **kw),
     )
 
 
@@ -567,15 +541,7 @@ def make_optimizers(model: DeepFM, hp: dict) -> tuple[torch.optim.Adam, torch.op
 
 
 def train_step(
-    model: nn.Module,
-    raw: DeepFM,
-    batch: tuple,
-    opt_e,
-    opt_d,
-    scaler,
-    hp: dict,
-    cfg: Config,
-    ddp: bool,
+    model: nn.Module, raw: DeepFM, batch: tuple, opt_e, opt_d, scaler, hp: dict, cfg: Config, ddp: bool
 ) -> tuple[torch.Tensor, int, int]:
     """Fwd/bwd on this rank's share, L2 + CowClip on the global gradient, both Adam steps."""
     ids, dense, y = batch
@@ -583,9 +549,7 @@ def train_step(
     opt_e.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # DDP: grads are now the mean over the GLOBAL batch (detail 6)
-    scaler.unscale_(
-        opt_e
-    )  # detail 7: unscale before L2 and clipping, the threshold compares g with w
+    scaler.unscale_(opt_e)  # detail 7: unscale before L2 and clipping, the threshold compares g with w
     scaler.unscale_(opt_d)
     with torch.no_grad():
         for p in (raw.embed.weight, raw.linear_embed.weight, raw.dense_kernel.weight):
@@ -595,18 +559,11 @@ def train_step(
             gids = ids
             if ddp:  # detail 6: counts over the global batch, so every rank clips identically
                 gids = torch.empty(
-                    (dist.get_world_size() * ids.shape[0], ids.shape[1]),
-                    dtype=ids.dtype,
-                    device=ids.device,
+                    (dist.get_world_size() * ids.shape[0], ids.shape[1]), dtype=ids.dtype, device=ids.device
                 )
                 dist.all_gather_into_tensor(gids, ids.contiguous())
             n_clipped, n_rows = cowclip_(
-                raw.embed.weight,
-                raw.embed.weight.grad,
-                gids,
-                cfg.cowclip_r,
-                cfg.cowclip_zeta,
-                cfg.clip,
+                raw.embed.weight, raw.embed.weight.grad, gids, cfg.cowclip_r, cfg.cowclip_zeta, cfg.clip
             )
     scaler.step(opt_e)
     scaler.step(opt_d)
@@ -686,10 +643,34 @@ def save_json(path: str, obj) -> None:
 
 # what may change between an interrupted run and its --resume: where it writes, how often it logs and
 # saves, when it stops, and the machinery it runs on; every other flag defines the run and must stay equal
-MAY_DIFFER = ("out", "resume", "log_every", "save_every", "stop_after_steps", "threads", "device", "compile",
-              "save_model")
-STATE_KEYS = ("step", "epoch", "batch", "steps_total", "config", "dtype", "n_train", "field_dims", "metrics_bytes",
-              "train_time_s", "wall_s", "history", "clip_stats", "clip_total", "files")
+MAY_DIFFER = (
+    "out",
+    "resume",
+    "log_every",
+    "save_every",
+    "stop_after_steps",
+    "threads",
+    "device",
+    "compile",
+    "save_model",
+)
+STATE_KEYS = (
+    "step",
+    "epoch",
+    "batch",
+    "steps_total",
+    "config",
+    "dtype",
+    "n_train",
+    "field_dims",
+    "metrics_bytes",
+    "train_time_s",
+    "wall_s",
+    "history",
+    "clip_stats",
+    "clip_total",
+    "files",
+)
 TRAIN_STATE_KEYS = ("opt_embed", "opt_dense", "scaler", "rng_cpu", "rng_cuda", "perm_gen")
 DAMAGED = "the checkpoint is damaged; start the run again without --resume"
 
@@ -744,8 +725,10 @@ def find_checkpoint(run: str) -> str:
         why = "the run was stopped while writing its first checkpoint"
     else:
         why = "a run writes one at every epoch end, every --save_every steps and at --stop_after_steps"
-    raise InputError(f"--resume {run}: holds no checkpoint ({os.path.join(run, 'ckpt')} not found; {why}); "
-                     "start the run again without --resume")
+    raise InputError(
+        f"--resume {run}: holds no checkpoint ({os.path.join(run, 'ckpt')} not found; {why}); "
+        "start the run again without --resume"
+    )
 
 
 def read_checkpoint(ckpt: str, tensors: bool = True) -> dict:
@@ -793,8 +776,10 @@ def check_same_run(cfg: Config, saved: dict, ckpt: str) -> None:
         if f.name in MAY_DIFFER or f.name not in saved or getattr(cfg, f.name) == saved[f.name]:
             continue
         mine, theirs = (v if v != "" else repr(v) for v in (getattr(cfg, f.name), saved[f.name]))
-        raise InputError(f"--{f.name} {mine}: the interrupted run in {os.path.dirname(ckpt)} used {theirs}; "
-                         "leave the flag out to resume it, or start a new run with another --out")
+        raise InputError(
+            f"--{f.name} {mine}: the interrupted run in {os.path.dirname(ckpt)} used {theirs}; "
+            "leave the flag out to resume it, or start a new run with another --out"
+        )
 
 
 def resume_config(cfg: Config, given: set[str]) -> Config:
@@ -818,8 +803,10 @@ def check_no_unfinished_run(out: str) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if step < total:
-            raise InputError(f"--out {out}: holds the checkpoint of an unfinished run (step {step} of {total}); "
-                             f"continue it with --resume {out}, or choose another --out")
+            raise InputError(
+                f"--out {out}: holds the checkpoint of an unfinished run (step {step} of {total}); "
+                f"continue it with --resume {out}, or choose another --out"
+            )
 
 
 def train(
@@ -839,8 +826,9 @@ def train(
         check_same_run(cfg, ckpt["state"]["config"], ckpt_dir)
         if ckpt["state"]["dtype"] != rt["dtype"]:
             was = ckpt["state"]["dtype"]
-            raise InputError(f"--dtype {cfg.dtype}: is {rt['dtype']} here, the interrupted run trained in {was}; "
-                             f"pass --dtype {was}")
+            raise InputError(
+                f"--dtype {cfg.dtype}: is {rt['dtype']} here, the interrupted run trained in {was}; pass --dtype {was}"
+            )
     same_folder = bool(cfg.resume) and os.path.realpath(cfg.out) == os.path.realpath(cfg.resume)
     if checkpoints and not same_folder:
         check_no_unfinished_run(cfg.out)
@@ -858,8 +846,10 @@ def train(
         raise InputError(f"--batch_size {cfg.batch_size}: exceeds the {n_train} training rows; use a smaller batch")
     if ckpt and (ckpt["state"]["n_train"], ckpt["state"]["field_dims"]) != (n_train, list(data["field_dims"])):
         was = f"{ckpt['state']['n_train']} rows x {len(ckpt['state']['field_dims'])} fields"
-        raise InputError(f"--data {cfg.data}: {n_train} training rows x {len(data['field_dims'])} fields, the "
-                         f"interrupted run had {was} (or other vocabularies); resume on the same data")
+        raise InputError(
+            f"--data {cfg.data}: {n_train} training rows x {len(data['field_dims'])} fields, the "
+            f"interrupted run had {was} (or other vocabularies); resume on the same data"
+        )
     torch.manual_seed(cfg.seed)
     mlp = [int(h) for h in cfg.mlp.split(",") if h]
     raw = DeepFM(data["field_dims"], data["n_dense"], cfg.embed_dim, mlp, cfg.init_std).to(device)
@@ -868,8 +858,10 @@ def train(
         theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
         if own != theirs:
             k = next(k for k in sorted(own.keys() | theirs.keys()) if own.get(k) != theirs.get(k))
-            raise InputError(f"{ckpt_dir}/model.safetensors: tensor '{k}' has shape {theirs.get(k)}, this run "
-                             f"builds {own.get(k)}; {DAMAGED}")
+            raise InputError(
+                f"{ckpt_dir}/model.safetensors: tensor '{k}' has shape {theirs.get(k)}, this run "
+                f"builds {own.get(k)}; {DAMAGED}"
+            )
         raw.load_state_dict(ckpt["model"])
     raw.mlp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[rt["dtype"]]
     train_split = to_device(data["train"], raw.offsets, device)
@@ -879,9 +871,7 @@ def train(
     hp["warmup_steps"] = round(cfg.warmup_epochs * steps_per_epoch)
     hp["steps_per_epoch"] = steps_per_epoch
     if 2 * hp["l2"] >= cfg.cowclip_r and cfg.clip == "code":
-        say(
-            "warning: 2*l2 >= r: the reference would clip absent rows too; we clip present ones only"
-        )
+        say("warning: 2*l2 >= r: the reference would clip absent rows too; we clip present ones only")
     model = raw
     if cfg.compile:
         model = torch.compile(model)
@@ -905,8 +895,10 @@ def train(
         st, ts = ckpt["state"], ckpt["train"]
         step, start_epoch, start_batch = st["step"], st["epoch"], st["batch"]
         if not (0 <= start_batch < steps_per_epoch and step == start_epoch * steps_per_epoch + start_batch):
-            raise InputError(f"{ckpt_dir}/state.json: step {step} is not epoch {start_epoch} batch {start_batch} "
-                             f"of {steps_per_epoch}; {DAMAGED}")
+            raise InputError(
+                f"{ckpt_dir}/state.json: step {step} is not epoch {start_epoch} batch {start_batch} "
+                f"of {steps_per_epoch}; {DAMAGED}"
+            )
         train_time, wall_before, history = st["train_time_s"], st["wall_s"], st["history"]
         clip_stats, clip_total = st["clip_stats"], st["clip_total"]
         opt_e.load_state_dict(ts["opt_embed"])  # Adam moments and step counts; lrs follow from `step`
@@ -923,12 +915,7 @@ def train(
         os.makedirs(cfg.out, exist_ok=True)
         save_json(
             os.path.join(cfg.out, "config.json"),
-            {
-                **dataclasses.asdict(cfg),
-                "derived": hp,
-                "world_size": world,
-                "dtype_resolved": rt["dtype"],
-            },
+            {**dataclasses.asdict(cfg), "derived": hp, "world_size": world, "dtype_resolved": rt["dtype"]},
         )
         if ckpt:  # the rows logged after the checkpoint are logged again below: cut them
             src = os.path.join(cfg.resume, "metrics.jsonl")
@@ -1011,9 +998,7 @@ def train(
                 for g in opt_d.param_groups:
                     g["lr"] = 1e-8 + (hp["lr_dense"] - 1e-8) * frac
             # ---- this rank's share of the global batch (detail 8)
-            idx = perm[
-                i * cfg.batch_size + rank * per_rank : i * cfg.batch_size + (rank + 1) * per_rank
-            ]
+            idx = perm[i * cfg.batch_size + rank * per_rank : i * cfg.batch_size + (rank + 1) * per_rank]
             batch = tuple(t[idx] for t in train_split)
             # ---- update
             loss, nc, nr = train_step(model, raw, batch, opt_e, opt_d, scaler, hp, cfg, ddp)
@@ -1098,8 +1083,7 @@ def train(
         "scale_rule": cfg.scale_rule,
         "clip": cfg.clip,
         "hparams": hp,
-        "clip_frac": clip_total[0]
-        / max(1, clip_total[1]),  # rows clipped / present rows, whole run
+        "clip_frac": clip_total[0] / max(1, clip_total[1]),  # rows clipped / present rows, whole run
         "world_size": world,
         "device": device.type,
         "dtype": rt["dtype"],
@@ -1165,15 +1149,11 @@ def sweep(cfg: Config) -> list[dict]:
             )
     bayes = rows[0]["bayes_auc"] if rows else None
     lines = [
-        f"Synthetic data: {n_train:,} train rows, {cfg.epochs} epochs, Bayes-optimal test AUC "
-        f"{bayes:.4f}"
+        f"Synthetic data: {n_train:,} train rows, {cfg.epochs} epochs, Bayes-optimal test AUC {bayes:.4f}"
         if bayes
         else f"data {cfg.data}, {cfg.epochs} epochs",
         "",
-        (
-            "| rule | clip | batch | steps | lr_dense | lr_embed | L2 | AUC | LogLoss | samples/s "
-            "| time (s) |"
-        ),
+        ("| rule | clip | batch | steps | lr_dense | lr_embed | L2 | AUC | LogLoss | samples/s | time (s) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -1276,9 +1256,7 @@ def parse_row(kind: str, fields: list[str], path: str, lineno: int) -> tuple[int
     return int(label), dense, names_cats
 
 
-def row_features(
-    kind: str, encoding: str, dense: list, cats: list[str]
-) -> tuple[list[float], list[str]]:
+def row_features(kind: str, encoding: str, dense: list, cats: list[str]) -> tuple[list[float], list[str]]:
     """Map a parsed row to (dense floats before scaling, categorical tokens) for one encoding."""
     if encoding == "lbctr":  # reference data_utils.py: missing cats -> "-1", missing ints -> 0
         return [0.0 if v is None else float(v) for v in dense], [c if c else "-1" for c in cats]
@@ -1409,9 +1387,7 @@ def preprocess(cfg: Config) -> dict:
     if kind == "criteo":
         names = CRITEO_INTS + CRITEO_CATS if enc == "bars" else CRITEO_CATS
     else:
-        names = (
-            ["hour_of_day", "weekday", "weekend"] if enc == "bars" else ["hour"]
-        ) + AVAZU_COLUMNS[3:]
+        names = (["hour_of_day", "weekday", "weekend"] if enc == "bars" else ["hour"]) + AVAZU_COLUMNS[3:]
     # ---- fixed-seed split: a permutation assigns rows to test / valid / train
     rng = np.random.default_rng(cfg.split_seed)
     n_test, n_valid = round(cfg.test_frac * n), round(cfg.valid_frac * n)
@@ -1434,15 +1410,9 @@ def preprocess(cfg: Config) -> dict:
             if m == 0:
                 continue
             arrays[split] = (
-                np.lib.format.open_memmap(
-                    os.path.join(tmp, f"{split}_ids.npy"), "w+", np.int32, (m, n_fields)
-                ),
-                np.lib.format.open_memmap(
-                    os.path.join(tmp, f"{split}_dense.npy"), "w+", np.float32, (m, n_dense)
-                ),
-                np.lib.format.open_memmap(
-                    os.path.join(tmp, f"{split}_label.npy"), "w+", np.float32, (m,)
-                ),
+                np.lib.format.open_memmap(os.path.join(tmp, f"{split}_ids.npy"), "w+", np.int32, (m, n_fields)),
+                np.lib.format.open_memmap(os.path.join(tmp, f"{split}_dense.npy"), "w+", np.float32, (m, n_dense)),
+                np.lib.format.open_memmap(os.path.join(tmp, f"{split}_label.npy"), "w+", np.float32, (m,)),
             )
         cursor = {"train": 0, "valid": 0, "test": 0}
         split_names = ["train", "valid", "test"]
@@ -1507,9 +1477,7 @@ def preprocess(cfg: Config) -> dict:
 def decode_ids(folder: str, ids: np.ndarray) -> list[list[str]]:
     """Inverse of the categorical encoding: per-field ids (N, F) -> tokens, via the vocab files."""
     meta = json.loads(Path(folder, "meta.json").read_text())
-    vocabs = [
-        Path(folder, "vocab", f"{n}.txt").read_text().split("\n")[:-1] for n in meta["fields"]
-    ]
+    vocabs = [Path(folder, "vocab", f"{n}.txt").read_text().split("\n")[:-1] for n in meta["fields"]]
     return [[vocabs[f][int(i)] for f, i in enumerate(row)] for row in ids]
 
 
@@ -1535,9 +1503,7 @@ def parse_args(argv: list[str] | None = None, given_only: bool = False) -> Confi
         if f.type in ("bool", bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
         else:
-            typ = {"int": int, "float": float, "str": str}[
-                f.type if isinstance(f.type, str) else f.type.__name__
-            ]
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(f"--{f.name}", type=typ, default=default)
     args = vars(p.parse_args(argv))
     return args if given_only else Config(**args)

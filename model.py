@@ -690,11 +690,6 @@ def permute_native_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, -1, 2, dim).transpose(1, 2).reshape(-1, dim)
 
 
-def permute_hf_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    dim = w.shape[1]
-    return w.view(n_heads, 2, -1, dim).transpose(1, 2).reshape(-1, dim)
-
-
 def native_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
@@ -709,23 +704,6 @@ def native_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> di
         elif new.endswith("k_proj.weight"):
             v = permute_native_to_hf(v, cfg.num_key_value_heads)
         out[new] = v
-    return out
-
-
-def hf_to_native_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of `native_to_hf_state_dict` (used to test the round trip and to export native files)."""
-    inverse = [(r"^" + rep.replace(".", r"\.").replace(r"\1", r"(\d+)") + "$",
-                pat.strip("^$").replace(r"\.", ".").replace(r"(\d+)", r"\1")) for pat, rep in _NATIVE_TO_HF]
-    out = {}
-    for k, v in sd.items():
-        match = next(((p, r) for p, r in inverse if re.match(p, k)), None)
-        if match is None:
-            raise ValueError(f"HF checkpoint: key {k!r} has no Mistral-native name")
-        if k.endswith("q_proj.weight"):
-            v = permute_hf_to_native(v, cfg.num_attention_heads)
-        elif k.endswith("k_proj.weight"):
-            v = permute_hf_to_native(v, cfg.num_key_value_heads)
-        out[re.sub(match[0], match[1], k)] = v
     return out
 
 

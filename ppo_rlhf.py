@@ -410,8 +410,8 @@ def disable_dropout(model: nn.Module) -> None:
 def reward_model_inputs(seq: torch.Tensor, attn: torch.Tensor, has_eos: torch.Tensor, eos_id: int,
                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The RM was trained on BOS + prompt + response + EOS and reads the last real token. A response cut at
-    max_new_tokens gets an EOS appended *for scoring only* (the actor's tokens are untouched, unlike OpenRLHF
-    issue 238 on github.com/OpenRLHF/OpenRLHF), so the RM judges its content and the missing-EOS penalty
+    max_new_tokens gets an EOS appended *for scoring only* (the actor's tokens are untouched, unlike
+    github.com/OpenRLHF/OpenRLHF/issues/238), so the RM judges its content and the missing-EOS penalty
     (detail 12) judges the termination."""
     extra = torch.where(has_eos, pad_id, eos_id).to(seq.dtype)[:, None]
     return torch.cat([seq, extra], 1), torch.cat([attn, (~has_eos).to(attn.dtype)[:, None]], 1)
@@ -486,7 +486,8 @@ def rollout(actor: MistralForCausalLM, actor_fwd: nn.Module, ref: nn.Module, cri
     P, N = p_ids.shape[1], cfg.max_new_tokens
     t0 = time.perf_counter()
     with amp:
-        # top_k 0 / top_p 1: the samples must follow pi or the KL estimate goes negative (huggingface/trl issue 1857)
+        # top_k 0 / top_p 1: the samples must follow pi or the KL estimate goes negative
+        # (github.com/huggingface/trl/issues/1857)
         g = actor.generate(p_ids, p_mask, max_new_tokens=N, temperature=cfg.temperature, top_k=0, top_p=1.0,
                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, uniforms=uniforms, return_logprobs=True)
     t1 = time.perf_counter()
@@ -957,8 +958,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                "shape/prompt_width": P, "shape/response_width": mask.shape[1]}  # padded widths (rank 0)
         if s["objective/kl"] < -1.0:  # detail 5: old TRL's threshold; tiny negatives are sampling noise
             warnings.warn(f"it {it}: batch KL {s['objective/kl']:.4f} < 0: check that sampling uses top_k 0, "
-                          f"top_p 1 and the same temperature as the log-probs (huggingface/trl issues 351, 1857)",
-                          stacklevel=1)
+                          f"top_p 1 and the same temperature as the log-probs (see github.com/huggingface/trl/"
+                          f"issues/351 and /1857)", stacklevel=1)
         if cfg.adaptive_kl:  # 4: global mean sequence KL, episodes summed over ranks
             kl_coef = adaptive_kl_coef(kl_coef, s["objective/kl"], cfg.kl_target, cfg.kl_horizon,
                                        cfg.rollout_batch_size)

@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cowclip_ctr as cc
 
-LIBRARY_SPS = {1024: 18_000, 8192: 40_000}  # issue 7: popular PyTorch DeepFM library on 2 cores
-CRITEO_TRAIN_ROWS = 41_256_555  # 90% of 45,840,617 (reference d.2)
-PAPER_128K_MIN = 9  # LargeBatchCTR README: Criteo 128K, 10 epochs, one V100 (reference d.1)
+# a popular PyTorch DeepFM library on 2 cores, as quoted to us (not measured here)
+LIBRARY_SPS = {1024: 18_000, 8192: 40_000}
+CRITEO_TRAIN_ROWS = 41_256_555  # 90% of Criteo Kaggle's 45,840,617 rows
+PAPER_128K_MIN = 9  # bytedance/LargeBatchCTR README: Criteo 128K, 10 epochs, one V100
 
 
 def sync(device: torch.device) -> None:
@@ -37,10 +38,7 @@ def sync(device: torch.device) -> None:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
     """The machine's own ceiling: best-of GFLOP/s of an n x n x n matmul."""
-    a, b = (
-        torch.randn(n, n, device=device, dtype=dtype),
-        torch.randn(n, n, device=device, dtype=dtype),
-    )
+    a, b = (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -54,11 +52,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
 
 def mlp_flops_per_sample(model: cc.DeepFM) -> float:
     """fwd 2*in*out per layer, bwd twice that (input and weight gradients)."""
-    macs = sum(
-        m.in_features * m.out_features
-        for m in [*model.mlp, model.mlp_out]
-        if isinstance(m, torch.nn.Linear)
-    )
+    macs = sum(m.in_features * m.out_features for m in [*model.mlp, model.mlp_out] if isinstance(m, torch.nn.Linear))
     return 3 * 2 * macs
 
 
@@ -91,19 +85,13 @@ def bench_batch(data: dict, batch: int, device: torch.device, dtype: str, steps:
             state["i"], state["perm"] = 0, torch.randperm(n, generator=gen).to(device)
         idx = state["perm"][state["i"] * batch : (state["i"] + 1) * batch]
         state["i"] += 1
-        cc.train_step(
-            model, model, tuple(t[idx] for t in train), opt_e, opt_d, scaler, hp, cfg, ddp=False
-        )
+        cc.train_step(model, model, tuple(t[idx] for t in train), opt_e, opt_d, scaler, hp, cfg, ddp=False)
 
     step_s = time_it(step, device, steps, warmup=2)
     x = torch.randn(batch, model.mlp[0].in_features, device=device, requires_grad=True)
 
     def mlp_only():  # the MLP's fwd+bwd alone, same dtype policy
-        with torch.autocast(
-            device.type,
-            dtype=model.mlp_dtype or torch.bfloat16,
-            enabled=model.mlp_dtype is not None,
-        ):
+        with torch.autocast(device.type, dtype=model.mlp_dtype or torch.bfloat16, enabled=model.mlp_dtype is not None):
             y = model.mlp_out(model.mlp(x))
         y.float().sum().backward()
 
@@ -138,17 +126,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     runs = [(b, args.vocab) for b in batches]
     if device.type == "cuda":
-        runs.append((131072, 33_762_577))  # full Criteo vocabulary (reference h.2)
+        runs.append((131072, 33_762_577))  # full Criteo vocabulary (facebookresearch/dlrm Kaggle cardinalities)
     rows = []
     cache: dict[int, dict] = {}
     for b, vocab in runs:
         if vocab not in cache:
             t = time.time()
-            cfg = cc.Config(
-                synth_vocab=vocab,
-                n_train=max(3 * max(x for x, v in runs if v == vocab), 65536),
-                n_test=1,
-            )
+            cfg = cc.Config(synth_vocab=vocab, n_train=max(3 * max(x for x, v in runs if v == vocab), 65536), n_test=1)
             cache[vocab] = cc.make_synthetic(cfg)
             print(
                 f"synthetic data: {cfg.n_train:,} rows, "

@@ -123,10 +123,7 @@ def test_fm_term_equals_explicit_pairwise_sum():
     torch.manual_seed(2)
     e = torch.randn(4, 6, 10, dtype=torch.float64)
     ref = torch.stack(
-        [
-            sum((e[b, i] * e[b, j]).sum() for i, j in itertools.combinations(range(6), 2))
-            for b in range(4)
-        ]
+        [sum((e[b, i] * e[b, j]).sum() for i, j in itertools.combinations(range(6), 2)) for b in range(4)]
     )
     torch.testing.assert_close(cc.fm_term(e), ref)
 
@@ -136,12 +133,8 @@ def test_roc_auc_equals_brute_force_pairwise_definition_with_ties():
     scores = rng.integers(0, 5, 300).astype(np.float64)  # heavy ties
     labels = (rng.random(300) < 0.3).astype(np.float64)
     pos, neg = scores[labels == 1], scores[labels == 0]
-    brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
-        len(pos) * len(neg)
-    )
-    assert cc.roc_auc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(
-        brute, abs=1e-12
-    )
+    brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert cc.roc_auc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(brute, abs=1e-12)
     assert cc.roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == 0.5
 
 
@@ -157,7 +150,7 @@ def test_log_loss_matches_definition():
 
 @pytest.mark.parametrize(
     "batch,lr,l2",
-    [  # LargeBatchCTR README, Criteo rows (reference d.1)
+    [  # bytedance/LargeBatchCTR README, Criteo rows
         (2048, 11.31e-4, 2e-5),
         (4096, 16e-4, 4e-5),
         (8192, 22.62e-4, 8e-5),
@@ -186,9 +179,7 @@ def test_plain_scaling_rules():
 CRITEO_ROWS = [  # label, I1..I13, C1..C26; missing values in both kinds of fields
     ["1", "5", "-1", "", "3", "2000", "", "7", "1", "40", "", "1", "", "8"] + ["68fd1e64"] * 26,
     ["0", "", "0", "12", "", "30", "4", "", "0", "2", "1", "", "3", ""] + ["80e26c9b"] * 25 + [""],
-    ["0", "1", "100", "1", "9", "", "1", "2", "3", "4", "1", "2", "", "5"]
-    + ["68fd1e64"] * 20
-    + [""] * 6,
+    ["0", "1", "100", "1", "9", "", "1", "2", "3", "4", "1", "2", "", "5"] + ["68fd1e64"] * 20 + [""] * 6,
     ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14"] + ["0a519c5c"] * 26,
 ] * 5  # 20 rows
 
@@ -212,10 +203,7 @@ def _pre(tmp_path, raw, kind="criteo", **kw):
     [
         (["1", "5"], "field 'I2': missing; expected 40 tab-separated fields"),
         (CRITEO_ROWS[0][:3] + ["x7"] + CRITEO_ROWS[0][4:], "field 'I3': not an integer: 'x7'"),
-        (
-            CRITEO_ROWS[0][:20] + ["68FD1G64"] + CRITEO_ROWS[0][21:],
-            "field 'C7': not an 8-digit lowercase hex",
-        ),
+        (CRITEO_ROWS[0][:20] + ["68FD1G64"] + CRITEO_ROWS[0][21:], "field 'C7': not an 8-digit lowercase hex"),
         (["2"] + CRITEO_ROWS[0][1:], "field 'label': expected 0 or 1"),
     ],
 )
@@ -252,32 +240,17 @@ def test_preprocess_criteo_lbctr_fixture_and_round_trip(tmp_path):
     # round trip: decoded rows are exactly the raw rows (missing -> "-1" / 0), as a multiset
     toks = cc.decode_ids(out, ids)
     raw_dense = cc.decode_dense(meta, dense.astype(np.float64))
-    got = sorted(
-        (int(lab), tuple(np.rint(rd).astype(int)), tuple(t))
-        for lab, rd, t in zip(labels, raw_dense, toks)
-    )
+    got = sorted((int(lab), tuple(np.rint(rd).astype(int)), tuple(t)) for lab, rd, t in zip(labels, raw_dense, toks))
     want = sorted(
-        (
-            int(r[0]),
-            tuple(int(v) if v else 0 for v in r[1:14]),
-            tuple(c if c else "-1" for c in r[14:]),
-        )
+        (int(r[0]), tuple(int(v) if v else 0 for v in r[1:14]), tuple(c if c else "-1" for c in r[14:]))
         for r in CRITEO_ROWS
     )
     assert got == want
     assert np.abs(raw_dense - np.rint(raw_dense)).max() < 1e-3
     # the split is a fixed-seed permutation: same seed, same files
-    cfg = cc.Config(
-        preprocess="criteo",
-        raw=raw,
-        data=str(tmp_path / "again"),
-        test_frac=0.25,
-        skip_bad_rows=True,
-    )
+    cfg = cc.Config(preprocess="criteo", raw=raw, data=str(tmp_path / "again"), test_frac=0.25, skip_bad_rows=True)
     cc.preprocess(cfg)
-    assert np.array_equal(
-        np.load(f"{out}/test_ids.npy"), np.load(str(tmp_path / "again/test_ids.npy"))
-    )
+    assert np.array_equal(np.load(f"{out}/test_ids.npy"), np.load(str(tmp_path / "again/test_ids.npy")))
 
 
 def test_preprocess_criteo_bars_buckets_and_oov(tmp_path):
@@ -296,16 +269,11 @@ def test_preprocess_criteo_bars_buckets_and_oov(tmp_path):
     for row in want_rows:
         for f, t in enumerate(row):
             counts[f][t] = counts[f].get(t, 0) + 1
-    want = sorted(
-        tuple(t if counts[f][t] >= 6 else "<OOV>" for f, t in enumerate(row)) for row in want_rows
-    )
+    want = sorted(tuple(t if counts[f][t] >= 6 else "<OOV>" for f, t in enumerate(row)) for row in want_rows)
     ids = np.concatenate([np.load(f"{out}/{s}_ids.npy") for s in ("train", "valid", "test")])
     assert sorted(tuple(r) for r in cc.decode_ids(out, ids)) == want
     assert 0 < (ids == 0).mean() < 1  # both OOV and kept values occur
-    assert Path(f"{out}/vocab/C26.txt").read_text().split("\n")[:-1] == [
-        "<OOV>",
-        "",
-    ]  # only missing is frequent
+    assert Path(f"{out}/vocab/C26.txt").read_text().split("\n")[:-1] == ["<OOV>", ""]  # only missing is frequent
 
 
 def test_preprocess_avazu_csv(tmp_path):
@@ -356,15 +324,8 @@ def _tiny_args(out, *extra):
 def test_ddp_two_ranks_equal_one_rank(tmp_path, capsys):
     """torchrun, gloo, 2 ranks x 256 rows == 1 rank x 512 rows: same weights, clipping active."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = (
-        "--cowclip_r",
-        "0.05",
-        "--n_train",
-        "2048",
-    )  # small r: many rows clipped, so the test bites
-    cc.main(
-        _tiny_args(tmp_path / "one", *extra)
-    )  # the 1-rank reference, in-process (saves a startup)
+    extra = ("--cowclip_r", "0.05", "--n_train", "2048")  # small r: many rows clipped, so the test bites
+    cc.main(_tiny_args(tmp_path / "one", *extra))  # the 1-rank reference, in-process (saves a startup)
     one_stdout = capsys.readouterr().out
     two = subprocess.run(
         [
@@ -385,10 +346,7 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path, capsys):
     assert two.returncode == 0, two.stderr
     from safetensors.torch import load_file
 
-    a, b = (
-        load_file(str(tmp_path / "one/model.safetensors")),
-        load_file(str(tmp_path / "two/model.safetensors")),
-    )
+    a, b = (load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors")))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     s1 = json.loads(Path(tmp_path / "one/summary.json").read_text())
@@ -433,14 +391,7 @@ def test_bf16_and_fp16_run_on_cpu_and_fp16_unscales_before_clipping():
 def test_sweep_writes_table(tmp_path):
     cfg = cc.parse_args(
         _tiny_args(
-            tmp_path / "sw",
-            "--sweep",
-            "--sweep_batches",
-            "512,1024",
-            "--sweep_rules",
-            "cowclip,sqrt",
-            "--epochs",
-            "1",
+            tmp_path / "sw", "--sweep", "--sweep_batches", "512,1024", "--sweep_rules", "cowclip,sqrt", "--epochs", "1"
         )
     )
     rows = cc.sweep(cfg)

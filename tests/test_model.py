@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,29 @@ def tiny_model(seed=0, **kw) -> M.MistralForCausalLM:
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     return m
+
+
+def permute_hf_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    dim = w.shape[1]
+    return w.view(n_heads, 2, -1, dim).transpose(1, 2).reshape(-1, dim)
+
+
+def hf_to_native_state_dict(sd: dict[str, torch.Tensor], cfg: M.ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of model.native_to_hf_state_dict, written here from transformers' converter (its key table read
+    backwards and its q/k permutation undone), to build Mistral-native folders the loader must read."""
+    inverse = [(r"^" + rep.replace(".", r"\.").replace(r"\1", r"(\d+)") + "$",
+                pat.strip("^$").replace(r"\.", ".").replace(r"(\d+)", r"\1")) for pat, rep in M._NATIVE_TO_HF]
+    out = {}
+    for k, v in sd.items():
+        match = next(((p, r) for p, r in inverse if re.match(p, k)), None)
+        if match is None:
+            raise ValueError(f"HF checkpoint: key {k!r} has no Mistral-native name")
+        if k.endswith("q_proj.weight"):
+            v = permute_hf_to_native(v, cfg.num_attention_heads)
+        elif k.endswith("k_proj.weight"):
+            v = permute_hf_to_native(v, cfg.num_key_value_heads)
+        out[re.sub(match[0], match[1], k)] = v
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +303,7 @@ def test_mistral_native_permutation_round_trip_and_scores():
     cfg = tiny_config()
     m = tiny_model()
     sd = m.state_dict()
-    native = M.hf_to_native_state_dict(sd, cfg)
+    native = hf_to_native_state_dict(sd, cfg)
     assert "layers.0.attention.wq.weight" in native and "output.weight" in native
     back = M.native_to_hf_state_dict(native, cfg)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
@@ -306,7 +330,7 @@ def test_mistral_native_folder_loads(tmp_path):
     from safetensors.torch import save_file
     m = tiny_model()
     cfg = m.config
-    native = {k: v.contiguous() for k, v in M.hf_to_native_state_dict(m.state_dict(), cfg).items()}
+    native = {k: v.contiguous() for k, v in hf_to_native_state_dict(m.state_dict(), cfg).items()}
     save_file(native, tmp_path / "consolidated.safetensors")
     (tmp_path / "params.json").write_text(json.dumps({
         "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "head_dim": cfg.head_dim,
