@@ -18,6 +18,7 @@ Readers accept what real files contain: .gz / .xz, a UTF-8 BOM, CRLF line ends, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -331,6 +332,140 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallelism: DDP (a full copy per rank) or FSDP2 (parameters, gradients and optimizer state sharded)
+#
+# DDP is faster while a model fits one device; FSDP2 (`torch.distributed.fsdp.fully_shard`, as torchtitan uses it)
+# shards each decoder layer and the root, so a rank holds 1/N of the fp32 master weights, gradients and AdamW
+# state and all-gathers one layer's parameters at a time. Both run one code path below; a single process is plain.
+
+
+def parallelize(model: torch.nn.Module, dist_info: DistInfo, device: torch.device, dtype: torch.dtype,
+                fsdp: bool, grad_ckpt: bool = False, trainable: bool = True) -> torch.nn.Module:
+    """The module to call in training: DDP-wrapped, FSDP2-sharded in place, or `model` itself (one process, or a
+    frozen model under DDP). Under FSDP2 with bf16/fp16 the MixedPrecisionPolicy computes in that dtype and
+    reduces gradients in fp32; the sharded parameters stay fp32 (the master weights the optimizer updates)."""
+    for m in model.modules():
+        if grad_ckpt and hasattr(m, "gradient_checkpointing"):  # model.MistralModel
+            m.gradient_checkpointing = True
+    if not dist_info.ddp:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        low = dtype in (torch.bfloat16, torch.float16)
+        mp = MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32 if low else None)
+        for name, m in model.named_modules():  # each decoder layer (model.layers.N, rm.model.layers.N, ...)
+            if re.fullmatch(r"(.*\.)?layers\.\d+", name):
+                fully_shard(m, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)  # the root: embeddings, final norm, LM or score head
+        return model
+    if not trainable:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """Gather an FSDP2 model's full parameters once and keep them for the block (generation: hundreds of small
+    forwards, each of which would otherwise all-gather every layer again), then shard it back. Outside FSDP2 a
+    no-op. Inside the block forwards are local, so ranks may run different numbers of them."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-step: on non-final steps of gradient accumulation skip the gradient reduction (DDP's
+    no_sync, FSDP2's set_requires_gradient_sync(False)); the final step reduces the accumulated sum once."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if isinstance(model, DDP) and not sync:
+        return model.no_sync()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global gradient-norm clipping; under FSDP2 the norm is reduced over the shards of every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU, gathered from the shards under FSDP2 (a collective: every rank calls
+    it; rank 0 gets the tensors, the others an empty dict), the plain one otherwise."""
+    model = getattr(model, "module", model)  # DDP's wrapper
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_state(path: str | os.PathLike, models: dict, optimizers: dict, extra: dict) -> None:
+    """Resume state under FSDP2 with torch.distributed.checkpoint: every rank writes its own shards of the models
+    and optimizers (no rank ever holds the whole optimizer state); `extra` (step, RNG, ...) as JSON by rank 0.
+    Written to `path`.tmp and renamed, so a kill leaves the previous state intact."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    state = {}
+    for name, model in models.items():
+        msd, osd = get_state_dict(model, optimizers[name])
+        state[name], state[f"{name}.optim"] = msd, osd
+    dcp.save(state, checkpoint_id=str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        write_json_atomic(tmp / "extra.json", extra)
+        old = p.with_name(p.name + ".old")
+        if p.exists():
+            os.replace(p, old)
+        os.replace(tmp, p)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded_state(path: str | os.PathLike, models: dict, optimizers: dict) -> dict:
+    """Inverse of `save_sharded_state`: each rank reads its shards; returns `extra`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    p = Path(path)
+    if not (p / "extra.json").is_file():
+        raise InputError(f"{p}: no sharded resume state (extra.json); was the run trained with --fsdp?")
+    state = {}
+    for name, model in models.items():
+        msd, osd = get_state_dict(model, optimizers[name])
+        state[name], state[f"{name}.optim"] = msd, osd
+    try:
+        dcp.load(state, checkpoint_id=str(p))
+    except Exception as e:  # a truncated or foreign checkpoint: name it, without the reader's traceback
+        raise InputError(f"{p}: cannot read the sharded resume state ({str(e).splitlines()[0]})") from None
+    for name, model in models.items():
+        set_state_dict(model, optimizers[name], model_state_dict=state[name], optim_state_dict=state[f"{name}.optim"])
+    return json.loads(read_text(p / "extra.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -324,6 +324,7 @@ class MistralModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # recompute each layer in backward instead of storing activations
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -346,7 +347,10 @@ class MistralModel(nn.Module):
         h = self.embed_tokens(input_ids)
         hidden = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i)
+            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, i)
             if output_hidden_states:
                 hidden.append(h)
         if cache is not None:
@@ -506,17 +510,23 @@ class MistralForCausalLM(nn.Module):
             cfg = load_config(path)
             check_architecture(cfg, path, causal_lm=True)
             sd = load_safetensors_dir(path)
+        model = cls.from_state_dict(cfg, sd, path)
+        if dtype is not None:
+            model.to(dtype)
+        return model.to(device)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], source: Any = "") -> MistralForCausalLM:
+        """A model holding exactly these tensors (no copy, no init): HF key names, tied embeddings stored once."""
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
         if cfg.tie_word_embeddings and "model.embed_tokens.weight" in sd:  # HF stores the tied matrix once
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         with torch.device("meta"):
             model = cls(cfg)
-        load_state_dict_strict(model, sd, path)
+        load_state_dict_strict(model, sd, source)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        if dtype is not None:
-            model.to(dtype)
-        return model.to(device)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 5 * 10**9,
                         tokenizer: Tokenizer | None = None) -> None:

@@ -64,6 +64,12 @@ Implementation details (the numbers appear at the lines that implement them):
     a generator seeded by (seed, iteration) alone; the rollout rows are gathered before the update, and every
     loss is divided by global token counts. So N ranks train exactly what one process trains (a test checks
     2 ranks == 1 rank), as pretrain.py and reward_model.py do.
+19. `--fsdp` (under torchrun): all four models are FSDP2-sharded (common.parallelize: per decoder layer + root);
+    actor and critic keep fp32 master weights and AdamW state in shards, reference and reward model are frozen
+    shards in the compute dtype. Rollouts unshard the actor once (common.unsharded) for the whole generation, so
+    the hundreds of decode steps run locally instead of all-gathering every layer per token (measured in
+    docs/ppo_rlhf.md); scoring and update forwards all-gather layer by layer. Resume state is sharded
+    (torch.distributed.checkpoint); rank 0 writes the final HF folders from the gathered weights.
 
 Fixed in code (not switches, with the reason at the line): old log-probs are recomputed with the training
 forward rather than taken from the cached sampler, so the first PPO ratio is exactly 1 under any dtype; top-k 0
@@ -81,7 +87,6 @@ import re
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +94,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     InputError,
@@ -99,17 +103,25 @@ from common import (
     check_settings,
     cleanup_distributed,
     cli,
+    clip_grad_norm,
     cosine_lr,
     field_of,
+    full_state_dict,
+    gradient_sync,
     init_distributed,
+    is_sharded,
+    load_sharded_state,
     load_train_state,
     log,
     output_dir,
+    parallelize,
     parse_config,
     read_jsonl,
     read_text,
     resolve_device_dtype,
+    save_sharded_state,
     toxic_regex,
+    unsharded,
     write_json_atomic,
 )
 from model import MistralForCausalLM, Tokenizer, check_tokenizer_fits, logprobs_from_logits, pad_batch
@@ -134,6 +146,8 @@ class PPOConfig:
     device: str = "auto"  # auto|cpu|cuda
     dtype: str = "auto"  # auto|fp32|bf16|fp16 (autocast; frozen models stored in it, trained ones in fp32)
     compile: bool = False  # torch.compile the training forwards of actor and critic
+    fsdp: bool = False  # 19: shard all four models over the ranks (FSDP2); actor and critic trained, the others frozen
+    grad_ckpt: bool = False  # 19: activation checkpointing per decoder layer of actor and critic
     seed: int = 1234  # rollouts of rank r at iteration i use a generator seeded from (seed, i, r)
     # -- rollout
     total_iters: int = 16  # PPO iterations (rollout + update); toy: 512 episodes fit the 4-minute CPU budget
@@ -485,7 +499,7 @@ def rollout(actor: MistralForCausalLM, actor_fwd: nn.Module, ref: nn.Module, cri
     p_ids, p_mask = p_ids.to(dev), p_mask.to(dev)
     P, N = p_ids.shape[1], cfg.max_new_tokens
     t0 = time.perf_counter()
-    with amp:
+    with amp, unsharded(actor):  # detail 19: one all-gather for the whole generation under FSDP2
         # top_k 0 / top_p 1: the samples must follow pi or the KL estimate goes negative
         # (github.com/huggingface/trl/issues/1857)
         g = actor.generate(p_ids, p_mask, max_new_tokens=N, temperature=cfg.temperature, top_k=0, top_p=1.0,
@@ -520,7 +534,11 @@ def evaluate(actor: MistralForCausalLM, ref: nn.Module, score_fn, tok: Tokenizer
     # the same draws every time, and per prompt (not per rank): evaluations compare across runs and world sizes
     uniforms = torch.rand((len(prompts), cfg.max_new_tokens), generator=seeded_generator(cfg.seed + 7, 0, 0, CPU))
     lo, hi = len(prompts) * rank // world, len(prompts) * (rank + 1) // world
-    mine, uniforms = prompts[lo:hi], uniforms[lo:hi].to(dev)
+    mine, uniforms, n_real = prompts[lo:hi], uniforms[lo:hi].to(dev), hi - lo
+    if is_sharded(ref):  # each forward of a sharded model is a collective: every rank runs as many rows (detail 19)
+        n_pad = -(-len(prompts) // world) - n_real
+        mine = mine + [prompts[0]] * n_pad
+        uniforms = torch.cat([uniforms, torch.zeros((n_pad, cfg.max_new_tokens), device=dev)])
     st = MaskedStats()
     kinds = sorted({k or "all" for _, k in prompts})
     st.register(["reward", "eos_rate", "length", "kl", "toxicity_rate"] + [f"toxicity_rate/{k}" for k in kinds]
@@ -540,12 +558,13 @@ def evaluate(actor: MistralForCausalLM, ref: nn.Module, score_fn, tok: Tokenizer
             ref_lp = response_logprobs(ref, g.sequences, attn, P, cfg.temperature)
             raw = score_fn(g.sequences, attn, P, has_eos).float()
         m = g.response_mask.float()
-        st.add("reward", raw)
-        st.add("eos_rate", has_eos.float())
-        st.add("length", m.sum(1))
-        st.add("kl", ((g.logprobs - ref_lp) * m).sum(1))  # k1 summed over the response, as in training
+        real = (torch.arange(b, b + len(batch), device=dev) < n_real).float()  # padding rows do not count
+        st.add("reward", raw, real)
+        st.add("eos_rate", has_eos.float(), real)
+        st.add("length", m.sum(1), real)
+        st.add("kl", ((g.logprobs - ref_lp) * m).sum(1), real)  # k1 summed over the response, as in training
         texts = [tok.decode(r[mm.bool()].tolist()) for r, mm in zip(g.response_ids.cpu(), m.cpu())]
-        for (prompt, kind), text, r in zip(batch, texts, raw.tolist()):
+        for (prompt, kind), text, r in list(zip(batch, texts, raw.tolist()))[:max(0, n_real - b)]:
             tox = float(bool(lexicon_re and lexicon_re.search(text.lower())))
             for name, val in (("toxicity_rate", tox), (f"toxicity_rate/{kind or 'all'}", tox),
                               (f"reward/{kind or 'all'}", r)):
@@ -593,8 +612,9 @@ def save_state(run_dir: Path, it: int, actor, critic, tok, opt_a, opt_c, scaler,
 
 def resolve_resume(path: str) -> Path:
     p = Path(path)
-    p = p / "state" if (p / "state" / "trainer_state.json").is_file() else p
-    if not (p / "trainer_state.json").is_file():
+    marker = ("trainer_state.json", "extra.json")  # a DDP / one-process state, or a sharded one (detail 19)
+    p = p / "state" if any((p / "state" / m).is_file() for m in marker) else p
+    if not any((p / m).is_file() for m in marker):
         raise InputError(f"--resume {path}: no trainer_state.json (pass the --out folder of a previous run)")
     return p
 
@@ -624,6 +644,8 @@ def check_config(cfg: PPOConfig, world: int) -> None:
                          f"{len(cfg.prompt_weights)} weights")
     if any(w < 0 for w in cfg.prompt_weights) or sum(cfg.prompt_weights) <= 0:
         raise InputError(f"--prompt_weights {cfg.prompt_weights}: must be >= 0 with a positive sum")
+    if cfg.fsdp and cfg.dtype == "fp16":
+        raise InputError("--fsdp with --dtype fp16: use bf16 (FSDP2 keeps fp32 master weights; no loss scaling)")
     if cfg.ptx_coef > 0 and cfg.ptx_batch_size % world:
         raise InputError(f"--ptx_batch_size {cfg.ptx_batch_size}: not divisible by {world} ranks (it is the "
                          f"global number of documents per minibatch)")
@@ -657,6 +679,9 @@ def load_models(cfg: PPOConfig, dev: torch.device, frozen_dtype: torch.dtype | N
     Returns (tok, actor, ref, rm, critic, score_fn, resume_state); rm is None when `score_fn` is given."""
     from reward_model import RewardModel  # the only import beyond model.py and common.py
     state_dir = resolve_resume(cfg.resume) if cfg.resume else None
+    if state_dir and (state_dir / "extra.json").is_file():  # sharded: the weights come with the shards later
+        return (*load_models(dataclasses.replace(cfg, resume=""), dev, frozen_dtype, score_fn)[:6],
+                (state_dir, None, None))
     tok = Tokenizer.from_file(cfg.actor)
     actor = MistralForCausalLM.from_pretrained(state_dir / "actor" if state_dir else cfg.actor, dev)
     ref = MistralForCausalLM.from_pretrained(cfg.actor, dev, dtype=frozen_dtype)
@@ -764,9 +789,11 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             disable_dropout(m)
             m.eval()
     value_model = ValueModel(critic)
-    ddp_kw = {"device_ids": [dist_info.local_rank]} if dev.type == "cuda" else {}
-    actor_train = DDP(actor, **ddp_kw) if dist_info.ddp else actor
-    critic_train = DDP(value_model, **ddp_kw) if dist_info.ddp else value_model
+    ref = parallelize(ref, dist_info, dev, ptdtype, cfg.fsdp, trainable=False)  # sharded under FSDP2, else as is
+    rm = parallelize(rm, dist_info, dev, ptdtype, cfg.fsdp, trainable=False) if rm is not None else None
+    actor_train = parallelize(actor, dist_info, dev, ptdtype, cfg.fsdp, cfg.grad_ckpt)  # DDP / FSDP2 / as is
+    critic_train = parallelize(value_model, dist_info, dev, ptdtype, cfg.fsdp, cfg.grad_ckpt)
+    sharded = is_sharded(actor_train)
     actor_fwd = torch.compile(actor_train, dynamic=True) if cfg.compile else actor_train
     critic_fwd = torch.compile(critic_train, dynamic=True) if cfg.compile else critic_train
     # detail 9/17: separate optimisers; Adam eps 1e-5 (N+: PyTorch's 1e-8 is more aggressive early on)
@@ -775,11 +802,15 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                               weight_decay=0)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only, one code path
     kl_coef, moments, start_it, extra = cfg.kl_coef, RunningMoments(), 0, {}
-    if resume_state:
+    if resume_state and sharded:
+        ts = load_sharded_state(resume_state[0], {"actor": actor, "critic": value_model},
+                                {"actor": opt_a, "critic": opt_c})
+    elif resume_state:
         _, opt_state, ts = resume_state
         opt_a.load_state_dict(opt_state["opt_actor"])
         opt_c.load_state_dict(opt_state["opt_critic"])
         scaler.load_state_dict(opt_state["scaler"])
+    if resume_state:
         start_it, kl_coef = ts["iter"], ts["kl_coef"]
         moments.mean, moments.var, moments.count = ts["moments"]
         extra = {k: v for k, v in ts.items() if k not in ("iter", "kl_coef", "moments")}
@@ -806,8 +837,9 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                                    for s, x, w in zip(cfg.prompts, sources, cfg.prompt_weights)))
 
     def run_eval(it: int, tag: str) -> dict:
-        res, samples = evaluate(actor, ref, score_fn, tok, eval_prompts, corpus, lexicon_re, cfg, dev, amp,
-                                rank, world)
+        with unsharded(actor):  # detail 19: generation and the corpus loss run on the gathered actor
+            res, samples = evaluate(actor, ref, score_fn, tok, eval_prompts, corpus, lexicon_re, cfg, dev, amp,
+                                    rank, world)
         if dist_info.is_main:
             logger.log({"iter": it, "eval": tag, **{f"eval/{k}": v for k, v in res.items()}})
             with open(run_dir / "eval_samples.jsonl", "a") as f:
@@ -894,7 +926,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                 # with PPO-ptx the actor runs a second forward: the first backward skips DDP's all-reduce and
                 # the second reduces the sum of both gradients (the gradient-accumulation pattern)
                 two_passes = dist_info.ddp and cfg.ptx_coef > 0
-                with actor_train.no_sync() if two_passes else nullcontext():
+                with gradient_sync(actor_train, not two_passes):
                     scaler.scale(pg_loss * keep).backward()
                 if cfg.ptx_coef > 0:  # 15: PPO-ptx, a language-modelling loss on pretraining text
                     pick = torch.randint(len(ptx_docs), (cfg.ptx_batch_size,), generator=gcpu).tolist()
@@ -903,7 +935,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                         nll, ntok = lm_loss_sums(actor_fwd, tok, [ptx_docs[j] for j in
                                                                   pick[rank * n_ptx:(rank + 1) * n_ptx]])
                     ptx_loss = nll / (all_reduce_sum(ntok.detach().clone()) / world)  # mean over global tokens
-                    scaler.scale(cfg.ptx_coef * ptx_loss * keep).backward()
+                    with gradient_sync(actor_train, True):
+                        scaler.scale(cfg.ptx_coef * ptx_loss * keep).backward()
                     st.add("loss/ptx_avg", ptx_loss)
                 with amp:
                     v = critic_fwd(seq[idx], attn[idx])[:, P - 1:-1].float()
@@ -917,8 +950,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                 else:
                     for opt, model in ((opt_a, actor), (opt_c, critic)):
                         scaler.unscale_(opt)
-                        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # 16
-                        st.add("grad_norm/" + ("actor" if model is actor else "critic"), gn)
+                        gn = clip_grad_norm(model.parameters(), cfg.max_grad_norm)  # 16, over all shards
+                        st.add("grad_norm/" + ("actor" if model is actor else "critic"), torch.tensor(gn))
                         scaler.step(opt)
                     scaler.update()
                     total_updates += 1
@@ -976,9 +1009,14 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
         if eval_prompts and cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.total_iters:
             run_eval(it, "periodic")
         stop_now = cfg.stop_after_iters and it - start_it >= cfg.stop_after_iters and it != cfg.total_iters
-        if dist_info.is_main and ((cfg.save_every and it % cfg.save_every == 0) or it == cfg.total_iters
-                              or stop_now):
-            save_state(run_dir, it, actor, critic, tok, opt_a, opt_c, scaler, kl_coef, moments, extra)
+        if (cfg.save_every and it % cfg.save_every == 0) or it == cfg.total_iters or stop_now:
+            if sharded:  # every rank writes its shards (detail 19)
+                save_sharded_state(run_dir / "state", {"actor": actor, "critic": value_model},
+                                   {"actor": opt_a, "critic": opt_c},
+                                   {"iter": it, "kl_coef": kl_coef, "moments": [moments.mean, moments.var,
+                                                                                moments.count], **extra})
+            elif dist_info.is_main:
+                save_state(run_dir, it, actor, critic, tok, opt_a, opt_c, scaler, kl_coef, moments, extra)
         if stop_now:
             break
 
@@ -996,6 +1034,14 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                     1 - final[key] / base[key] if base[key] > 0 else None)
             if "corpus_loss" in base:
                 summary["corpus_loss_relative_change"] = final["corpus_loss"] / base["corpus_loss"] - 1
+        if sharded:  # rank 0 writes the HF folders from the gathered weights, in bf16 when training in bf16
+            save_dtype = ptdtype if ptdtype == torch.bfloat16 else torch.float32
+            sd_a, sd_c = full_state_dict(actor), full_state_dict(value_model)
+            if dist_info.is_main:
+                actor = MistralForCausalLM.from_state_dict(actor.config,
+                                                           {k: v.to(save_dtype) for k, v in sd_a.items()})
+                critic = type(critic).from_state_dict(critic.config, {k.removeprefix("rm."): v.to(save_dtype)
+                                                                      for k, v in sd_c.items()})
         if dist_info.is_main:
             actor.save_pretrained(run_dir / "final", tokenizer=tok)  # HF causal-LM folder + tokenizer
             critic.save_pretrained(run_dir / "critic", tokenizer=tok)

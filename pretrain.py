@@ -37,6 +37,12 @@ Implementation details:
 11. Toy-world probe (end of run, when the data lives in a toy world): samples answers to held-out red-team and
     general prompts at temperature 1 and reports the EOS rate and the toxicity rate under the world's lexicon,
     plus log-likelihood accuracy on the world's knowledge (MMLU-style) and arithmetic items against chance.
+12. `--fsdp` (under torchrun): FSDP2 `fully_shard` per decoder layer and the root (common.parallelize), with
+    MixedPrecisionPolicy(bf16 compute, fp32 reduce) under `--dtype bf16` and fp32 master weights and AdamW state
+    sharded. The same loop runs: gradient accumulation skips the reduce-scatter on non-final micro-steps,
+    clipping reduces the norm over all shards, resume state is sharded (torch.distributed.checkpoint) and the
+    final HF folder is written by rank 0 from the gathered weights, in bf16 when training in bf16.
+    `--grad_ckpt` recomputes each layer in backward (any mode).
 """
 
 from __future__ import annotations
@@ -48,7 +54,6 @@ import os
 import re
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,19 +70,26 @@ from common import (
     check_settings,
     cleanup_distributed,
     cli,
+    clip_grad_norm,
     cosine_lr,
     field_of,
     flops_per_token,
+    full_state_dict,
+    gradient_sync,
     init_distributed,
+    is_sharded,
+    load_sharded_state,
     load_train_state,
     log,
     measure_matmul_peak,
     output_dir,
+    parallelize,
     parse_config,
     peak_flops,
     read_jsonl,
     read_text,
     resolve_device_dtype,
+    save_sharded_state,
     toxic_regex,
     write_json_atomic,
 )
@@ -137,6 +149,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32)
     compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2; for a model too big for DDP)
+    grad_ckpt: bool = False  # activation checkpointing per decoder layer: recompute in backward, store far less
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -453,14 +467,16 @@ def read_config(argv: list[str] | None) -> tuple[Config, dict | None]:
     train_state = None
     if cfg.resume:
         saved = Path(cfg.resume) / "config.json"
-        if not saved.is_file() or not (Path(cfg.resume) / "last" / "train_state.pt").is_file():
-            fail(f"--resume {cfg.resume}: no config.json + last/train_state.pt (not a pretrain.py run folder)")
+        last = Path(cfg.resume) / "last"
+        if not saved.is_file() or not ((last / "train_state.pt").is_file() or (last / "extra.json").is_file()):
+            fail(f"--resume {cfg.resume}: no config.json + last/ resume state (not a pretrain.py run folder)")
         keep = {"stop_after": cfg.stop_after, "resume": cfg.resume}
         try:
             cfg = Config(**{**json.loads(saved.read_text()), **keep, "out": cfg.resume})
         except (json.JSONDecodeError, TypeError) as e:
             fail(f"{saved}: not the config.json of a pretrain.py run ({e})")
-        train_state = load_train_state(Path(cfg.resume) / "last" / "train_state.pt")
+        if not cfg.fsdp:  # under --fsdp the sharded state is read once the model is sharded
+            train_state = load_train_state(Path(cfg.resume) / "last" / "train_state.pt")
     check_settings(cfg, positive=("batch_size", "max_steps", "lr", "seq_len", "eval_batches", "vocab_size",
                                   "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                   "intermediate_size", "rope_theta"),
@@ -469,6 +485,8 @@ def read_config(argv: list[str] | None) -> tuple[Config, dict | None]:
                                  "save_interval"),
                    fraction=("valid_fraction", "min_lr_ratio", "beta1", "beta2"))
     check_output_path(cfg.out)
+    if cfg.fsdp and cfg.dtype == "fp16":
+        fail("--fsdp with --dtype fp16: use bf16 (FSDP2 keeps fp32 master weights; no loss scaling is needed)")
     return cfg, train_state
 
 
@@ -486,7 +504,9 @@ def read_inputs(cfg: Config, out: Path) -> tuple[list, list | None, str, Tokeniz
         valid_path = str(sib) if sib.is_file() and not cfg.sft and sib != Path(cfg.data) else ""
     valid_docs = (read_sft(valid_path) if cfg.sft else read_texts(valid_path)) if valid_path else None
 
-    tok_src = cfg.tokenizer or (cfg.resume and str(out / "last")) or cfg.init
+    last = out / "last"
+    tok_src = (cfg.tokenizer or (cfg.resume and (last / "tokenizer.json").is_file() and str(last)) or cfg.init
+               or (cfg.resume and str(out / "tokenizer")))
     tok = None
     if tok_src:
         try:
@@ -549,24 +569,28 @@ def main(argv: list[str] | None = None) -> None:
         )
         model = MistralForCausalLM(mcfg)
     model.to(device)
-    raw_model = model
+    raw_model = model  # nanoGPT's unwrapped handle (under FSDP2 the sharded module itself)
     n_params = raw_model.num_params()
+    mcfg = raw_model.config
+    if cfg.resume and not cfg.fsdp:  # detail 9: weights before the wrap, so DDP starts from them on every rank
+        raw_model.load_state_dict(MistralForCausalLM.from_pretrained(out / "last", dtype=torch.float32).state_dict())
+    model = parallelize(raw_model, dist_info, device, dtype, cfg.fsdp, cfg.grad_ckpt)  # detail 12
+    sharded = is_sharded(model)
 
-    # detail 7: decay matrices only
+    # detail 7: decay matrices only (the optimizer is built on the sharded parameters under FSDP2)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # the fused kernel (one launch for all parameters) exists for CUDA and, since torch 2.4, CPU
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # the fused kernel (one launch for all parameters) exists for CUDA and, since torch 2.4, CPU tensors
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=not sharded)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     data_gen = torch.Generator().manual_seed(cfg.seed)  # detail 4: identical on every rank
     step = 0
-    if cfg.resume:  # detail 9
-        last = out / "last"
-        sd = MistralForCausalLM.from_pretrained(last, dtype=torch.float32).state_dict()
-        raw_model.load_state_dict(sd)
+    if cfg.resume and sharded:
+        st = load_sharded_state(out / "last", {"model": model}, {"model": opt})
+        data_gen.set_state(torch.tensor(st["data_gen"], dtype=torch.uint8))
+        step = st["step"]
+    elif cfg.resume:
         st = train_state
         opt.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
@@ -575,12 +599,8 @@ def main(argv: list[str] | None = None) -> None:
     start_step = step
     if cfg.compile:
         model = torch.compile(model)
-    if dist_info.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-
-    fpt = flops_per_token(raw_model.config, cfg.seq_len)
+    fpt = flops_per_token(mcfg, cfg.seq_len)
     peak = peak_flops(device) or (measure_matmul_peak(torch.float32) if device.type == "cpu" else None)
     world = find_toy_world(cfg)
     logger = JsonlLogger(out / "metrics.jsonl") if dist_info.is_main else None
@@ -589,7 +609,9 @@ def main(argv: list[str] | None = None) -> None:
         log(
             f"pretrain.py: {'SFT' if cfg.sft else 'pretraining'} {n_params / 1e6:.2f}M params on {what}; "
             f"vocab {tok.vocab_size}; global batch {cfg.batch_size} x {cfg.seq_len} = {micro} x {accum} accum "
-            f"x {W} ranks; {cfg.max_steps} steps; {device}/{str(dtype).removeprefix('torch.')}"
+            f"x {W} ranks ({'FSDP2' if sharded else 'DDP' if dist_info.ddp else 'one process'}"
+            f"{', activation checkpointing' if cfg.grad_ckpt else ''}); {cfg.max_steps} steps; "
+            f"{device}/{str(dtype).removeprefix('torch.')}"
         )
 
     def get_batch(gen: torch.Generator, val: bool = False):
@@ -644,9 +666,8 @@ def main(argv: list[str] | None = None) -> None:
         denom = global_weight(src, idx)
         step_loss = torch.zeros((), device=device)
         for k, (x, y, w) in enumerate(micro_batches(src, idx)):
-            # detail 6: skip the gradient all-reduce on all but the last micro-step
-            sync = nullcontext() if (not dist_info.ddp or k == accum - 1) else model.no_sync()
-            with sync:
+            # detail 6: skip the gradient reduction on all but the last micro-step
+            with gradient_sync(model, k == accum - 1):
                 with autocast_ctx(device, dtype):
                     logits = model(x)  # (B, T, V) fp32
                 ls = loss_sum(logits, y, w)
@@ -655,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
             tok_since += x.numel()
         if cfg.grad_clip > 0:
             scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            gnorm = clip_grad_norm(model.parameters(), cfg.grad_clip)  # over the shards of all ranks
         else:
             gnorm = float("nan")
         scaler.step(opt)
@@ -699,17 +720,17 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"step {step}: held-out loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})")
                 logger.log({"step": step, "val_loss": val_loss, "elapsed_s": time.time() - t_start})
             t_log += time.time() - t_eval  # evaluation time is not training throughput
-        if due(step, cfg.sample_interval) and dist_info.is_main:
+        if due(step, cfg.sample_interval) and dist_info.is_main and not sharded:  # rank 0 alone: unsharded only
             print_samples(raw_model, tok, world, device, dtype)
             model.train()
-        if (due(step, cfg.save_interval) or last_step) and dist_info.is_main:
-            state = {
-                "step": step,
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "data_gen": data_gen.get_state(),
-            }
-            save_checkpoint(raw_model, tok, out / "last", state)
+        if (due(step, cfg.save_interval) or last_step) and sharded:  # every rank writes its shards
+            extra = {"step": step, "data_gen": data_gen.get_state().tolist()}
+            save_sharded_state(out / "last", {"model": model}, {"model": opt}, extra)
+        elif due(step, cfg.save_interval) or last_step:
+            if dist_info.is_main:
+                state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                         "data_gen": data_gen.get_state()}
+                save_checkpoint(raw_model, tok, out / "last", state)
         if step == cfg.stop_after:
             if dist_info.is_main:
                 log(f"stopping after step {step} (--stop_after); continue with --resume {out}")
@@ -727,6 +748,13 @@ def main(argv: list[str] | None = None) -> None:
         "train_seconds": train_s,
         "final_checkpoint": str(out / "final"),
     }
+    if sharded:  # rank 0 writes the HF folder from the gathered weights, in the training dtype
+        sd = full_state_dict(model)
+        if dist_info.is_main:
+            save_dtype = dtype if dtype == torch.bfloat16 else torch.float32
+            raw_model = MistralForCausalLM.from_state_dict(mcfg, {k: v.to(save_dtype) for k, v in sd.items()})
+            raw_model.to(device)  # the probe below runs on rank 0 alone
+        torch.distributed.barrier()
     if dist_info.is_main:
         save_checkpoint(raw_model, tok, out / "final")
         if world is not None and (world / "card.json").is_file():

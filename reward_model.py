@@ -39,6 +39,10 @@ RLHF with PPO", arXiv:2403.17031, and its code vwxyzjn/summarize_from_feedback_d
     github.com/OpenRLHF/OpenRLHF/issues/693).
 10. Reward size scaling (ICE-GRT): the RM's size is whatever checkpoint `--init` points at, independent of the
     policy; a larger RM is one flag away.
+11. `--fsdp` (under torchrun): FSDP2 per decoder layer and the root, fp32 master weights and AdamW state sharded,
+    bf16 compute / fp32 reduce under `--dtype bf16` (common.parallelize); scoring keeps every rank's forwards in
+    step (each one is a collective); resume state is sharded (torch.distributed.checkpoint); rank 0 writes the
+    final HF folder from the gathered weights. `--grad_ckpt`: activation checkpointing per layer.
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,17 +72,24 @@ from common import (
     check_settings,
     cleanup_distributed,
     cli,
+    clip_grad_norm,
     cosine_lr,
     count_params,
     flops_per_token,
+    full_state_dict,
+    gradient_sync,
     init_distributed,
+    is_sharded,
+    load_sharded_state,
     load_train_state,
     log,
     measure_matmul_peak,
     output_dir,
+    parallelize,
     parse_config,
     peak_flops,
     resolve_device_dtype,
+    save_sharded_state,
     text_lines,
     write_bytes_atomic,
     write_json_atomic,
@@ -139,6 +149,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = bf16 on capable GPUs, fp32 on CPU)
     compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2; for an RM too big for DDP)
+    grad_ckpt: bool = False  # activation checkpointing per decoder layer: recompute in backward, store far less
 
 
 # fields that may change between an interrupted run and its resumption without changing the result
@@ -421,15 +433,21 @@ class RewardModel(nn.Module):
         return self.score_ids(seqs, tokenizer.pad_id, batch_size)
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
-        """Raw rewards of already tokenized sequences (BOS ... EOS), scored in length-sorted batches."""
+    def score_ids(self, seqs: list[list[int]], pad_id: int, batch_size: int = 16, min_batches: int = 0
+                  ) -> torch.Tensor:
+        """Raw rewards of already tokenized sequences (BOS ... EOS), scored in length-sorted batches. Under FSDP2
+        a forward is a collective, so a rank with fewer batches runs `min_batches` forwards all the same."""
         dev = self.score.weight.device
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # less padding per batch
         out = torch.empty(len(seqs), dtype=torch.float32, device=dev)
+        n = 0
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id, side="right")
             out[torch.tensor(idx, device=dev)] = self(ids.to(dev), mask.to(dev))
+            n += 1
+        for _ in range(n, min_batches):  # keep step with the other ranks' all-gathers
+            self(torch.full((1, 1), pad_id, device=dev), torch.ones((1, 1), dtype=torch.long, device=dev))
         return out
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -452,6 +470,14 @@ class RewardModel(nn.Module):
         if dtype is not None:
             rm.to(dtype)
         return rm.to(device)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor]) -> RewardModel:
+        """A reward model holding exactly these tensors (e.g. gathered from FSDP2 shards)."""
+        with torch.device("meta"):
+            rm = cls(config)
+        load_state_dict_strict(rm, sd, "gathered state")
+        return rm
 
     @classmethod
     def from_causal_lm(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -496,7 +522,8 @@ def score_pairs(rm: RewardModel, enc: list[tuple[list[int], list[int]]], pad_id:
     """Rewards of every pair's chosen and rejected sequence, each rank scoring a slice, then gathered."""
     mine = list(range(rank, len(enc), world))
     seqs = [s for i in mine for s in enc[i]]
-    r = rm.score_ids(seqs, pad_id, 2 * batch_size).cpu() if seqs else torch.zeros(0)
+    n_batches = -(-(2 * len(range(0, len(enc), world))) // (2 * batch_size))  # rank 0 holds the most pairs
+    r = rm.score_ids(seqs, pad_id, 2 * batch_size, n_batches if is_sharded(rm) else 0).cpu()
     parts = _gather((mine, r[0::2].tolist(), r[1::2].tolist()), ddp)
     rc, rr = torch.zeros(len(enc), dtype=torch.float64), torch.zeros(len(enc), dtype=torch.float64)
     for idx, c, j in parts:
@@ -524,8 +551,19 @@ def evaluate(rm: RewardModel, pairs: list[Pair], enc, pad_id: int, batch_size: i
 # Resume checkpoints: weights as safetensors, optimizer/step as torch.save loaded with weights_only=True
 
 
-def save_resume(out: Path, rm: RewardModel, tok: Tokenizer, opt, scaler, step: int) -> None:
-    """Write out/ckpt.tmp, then swap it in, so a crash mid-write leaves the previous checkpoint intact."""
+def save_resume(out: Path, rm: RewardModel, tok: Tokenizer, opt, scaler, step: int, is_main: bool = True) -> None:
+    """Write out/ckpt.tmp, then swap it in, so a crash mid-write leaves the previous checkpoint intact. Under
+    FSDP2 every rank writes its shards of weights and AdamW state to out/ckpt/sharded (torch.distributed
+    .checkpoint) and rank 0 the config and tokenizer beside them."""
+    if is_sharded(rm):
+        save_sharded_state(out / "ckpt" / "sharded", {"rm": rm}, {"rm": opt},
+                           {"step": step, "torch_rng": torch.get_rng_state().tolist()})
+        if is_main:
+            write_json_atomic(out / "ckpt" / "config.json", rm.config.to_dict())
+            tok.save(out / "ckpt")
+        return
+    if not is_main:
+        return
     tmp, final, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     rm.save_pretrained(tmp, tokenizer=tok)
@@ -543,7 +581,7 @@ def save_resume(out: Path, rm: RewardModel, tok: Tokenizer, opt, scaler, step: i
 def find_resume_dir(path: str) -> Path:
     p = Path(path)
     for c in (p, p / "ckpt", p / "ckpt.old"):
-        if (c / "state.pt").is_file() and is_checkpoint_dir(c):
+        if ((c / "state.pt").is_file() and is_checkpoint_dir(c)) or (c / "sharded" / "extra.json").is_file():
             return c
     raise InputError(f"--resume {path}: no resume checkpoint (state.pt + model) there or in its ckpt/")
 
@@ -573,6 +611,8 @@ def check_inputs(cfg: Config) -> None:
                                  "center_rewards_coef", "norm_pairs", "eval_every", "log_every", "save_every"),
                    fraction=("min_lr_ratio", "warmup_frac"))
     check_output_path(cfg.out)
+    if cfg.fsdp and cfg.dtype == "fp16":
+        raise InputError("--fsdp with --dtype fp16: use bf16 (FSDP2 keeps fp32 master weights; no loss scaling)")
 
 
 def find_ceiling(test_files: list[str]) -> float | None:
@@ -637,30 +677,34 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = round(cfg.warmup_frac * total_steps)
 
     torch.manual_seed(cfg.seed)  # the same head init on every rank
-    rm = (RewardModel.from_pretrained(resume_dir) if resume_dir else
+    sharded_resume = resume_dir is not None and (resume_dir / "sharded").is_dir()  # weights come with the shards
+    rm = (RewardModel.from_pretrained(resume_dir) if resume_dir and not sharded_resume else
           RewardModel.from_pretrained(cfg.init) if is_reward_model_dir(cfg.init) else
           RewardModel.from_causal_lm(cfg.init))
     rm.config.pad_token_id = tok.pad_id
     check_tokenizer_fits(tok, rm.config.vocab_size, cfg.init)
     rm.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast does bf16/fp16 matmuls
-    decay = [p for p in rm.parameters() if p.dim() >= 2]
-    no_decay = [p for p in rm.parameters() if p.dim() < 2]  # norms
+    model = parallelize(rm, dist_info, device, dtype, cfg.fsdp, cfg.grad_ckpt)  # DDP / FSDP2 / as is (detail 11)
+    sharded = is_sharded(model)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), eps=cfg.adam_eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # one code path for all dtypes
     start_step = 0
-    if resume_dir is not None:
+    if resume_dir is not None and sharded:
+        state = load_sharded_state(resume_dir / "sharded", {"rm": model}, {"rm": opt})
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        start_step = int(state["step"])
+    elif resume_dir is not None:
         state = load_train_state(resume_dir / "state.pt", "resume from the ckpt.old beside it, or start again")
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_step = int(state["step"])
-    model = torch.compile(rm) if cfg.compile else rm
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    raw = rm  # unwrapped (nanoGPT's raw_model): eval, saving
+    model = torch.compile(model) if cfg.compile else model
+    raw = rm  # unwrapped (nanoGPT's raw_model; under FSDP2 the sharded module): eval, saving
 
     n_params = count_params(rm)
     fpt_params = n_params - rm.model.embed_tokens.weight.numel()  # the embedding is a lookup, not a matmul
@@ -717,8 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
             ids, mask = ids.to(device), mask.to(device)
             margin = torch.tensor([cfg.margin if train_pairs[i].margin is None else train_pairs[i].margin
                                    for i in idx], device=device)
-            sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
-            with sync:
+            with gradient_sync(model, micro == accum - 1):  # reduce once, at the last micro-step
                 with autocast_ctx(device, dtype):
                     r = model(ids, mask)  # (2b,)
                 rc, rr = r[:len(idx)], r[len(idx):]
@@ -731,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       mask.sum().item()], dtype=torch.float64)
         if cfg.grad_clip > 0:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+            clip_grad_norm(model.parameters(), cfg.grad_clip)  # over the shards of all ranks under FSDP2
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -769,12 +812,12 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.log({"step": step, "time": round(time.time() - t_start, 3),
                             **{f"eval/{k}": v for k, v in ev.items() if not isinstance(v, dict)}})
             model.train()
-        if is_main and cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
-            save_resume(out, raw, tok, opt, scaler, step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
+            save_resume(out, raw, tok, opt, scaler, step, is_main)
 
     if step < total_steps:  # stopped early by --max_steps: leave a resumable checkpoint, no final model
+        save_resume(out, raw, tok, opt, scaler, step, is_main)
         if is_main:
-            save_resume(out, raw, tok, opt, scaler, step)
             summary = {"status": "stopped", "step": step, "total_steps": total_steps,
                        "resume_with": f"--resume {out}", "wall_time_s": round(time.time() - t_start, 2)}
             write_json_atomic(out / "summary.json", summary)
@@ -806,6 +849,11 @@ def main(argv: list[str] | None = None) -> dict:
         "params": n_params, "wall_time_s": round(wall, 2), "world_size": world,
         "final_dir": str(out / "final"),
     }
+    if sharded:  # rank 0 writes the HF folder from the gathered weights, in bf16 when training in bf16
+        sd = full_state_dict(raw)
+        if is_main:
+            save_dtype = dtype if dtype == torch.bfloat16 else torch.float32
+            raw = RewardModel.from_state_dict(raw.config, {k: v.to(save_dtype) for k, v in sd.items()})
     if is_main:
         raw.save_pretrained(out / "final", tokenizer=tok)
         write_json_atomic(out / "summary.json", summary)

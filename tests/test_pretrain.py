@@ -94,36 +94,51 @@ def test_resume_equals_uninterrupted_run(world, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_ddp_two_ranks_equal_one_rank_at_the_same_global_batch(world, tmp_path):
-    common = ["--max_steps", "1", "--batch_size", "4", "--warmup_steps", "0", "--lr", "1e-2"]
-    one = run(world, tmp_path / "one", *common)
+def torchrun(script: str, *args: str, nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "pretrain.py"),
-        "--data",
-        world["data"],
-        "--tokenizer",
-        world["tok"],
-        "--out",
-        str(tmp_path / "two"),
-        *TINY,
-        *common,
-        "--micro_batch_size",
-        "1",
-    ]  # 2 ranks x 2 accum
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ddp_two_ranks_equal_one_rank_at_the_same_global_batch(world, tmp_path):
+    common = "--max_steps 1 --batch_size 4 --warmup_steps 0 --lr 1e-2".split()
+    one = run(world, tmp_path / "one", *common)
+    torchrun("pretrain.py", "--data", world["data"], "--tokenizer", world["tok"], "--out", str(tmp_path / "two"),
+             *TINY, *common, "--micro_batch_size", "1")  # 2 ranks x 2 accum
     a, b = weights(one / "final"), weights(tmp_path / "two/final")
     # Adam's first update is lr * g / (|g| + eps): ~lr for every weight, whatever the gradient's size, so a wrong batch
     # split or loss scale moves thousands of weights by ~1e-2. Reduction-order noise moves a weight whose gradient is
     # ~eps by ~1e-6 at most; atol 1e-4 separates the two.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_fsdp_two_ranks_equal_one_process_and_resume_equals_the_uninterrupted_run(world, tmp_path):
+    """FSDP2 on 2 gloo ranks with 2 accumulation steps == one process at the same global batch (losses per step,
+    final weights); a sharded resume reaches the uninterrupted FSDP run's weights; the gathered HF folder loads
+    in transformers with equal logits."""
+    import transformers
+    common = "--max_steps 3 --batch_size 4 --warmup_steps 0 --lr 1e-2 --eval_interval 0 --save_interval 1".split()
+    run(world, tmp_path / "one", *common)
+    base = ["--data", world["data"], "--tokenizer", world["tok"], *TINY, *common, "--micro_batch_size", "1",
+            "--fsdp", "--grad_ckpt"]
+    torchrun("pretrain.py", *base, "--out", str(tmp_path / "fsdp"))
+    torchrun("pretrain.py", *base, "--out", str(tmp_path / "cut"), "--stop_after", "2")
+    assert (tmp_path / "cut" / "last" / "extra.json").is_file()  # sharded state, one file set per rank
+    torchrun("pretrain.py", "--resume", str(tmp_path / "cut"))
+    losses = [[m["loss"] for m in metrics(tmp_path / run) if "loss" in m] for run in ("one", "fsdp")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) == 3
+    a, b, c = (weights(tmp_path / run / "final") for run in ("one", "fsdp", "cut"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)  # see the DDP test for the tolerance
+        torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-6, msg=k)
+    ours = MistralForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").eval()
+    hf = transformers.MistralForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").eval()
+    x = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_sft_batch_gives_zero_loss_weight_to_prompt_tokens():

@@ -346,6 +346,42 @@ def test_ddp_two_ranks_equal_one_rank(world, tmp_path):
     assert sb["reward_mean"] == pytest.approx(sa["reward_mean"], abs=1e-4)
 
 
+def test_fsdp_two_ranks_equal_one_process_and_resume_equals_the_uninterrupted_run(world, tmp_path):
+    """FSDP2 on 2 gloo ranks (2 accumulation steps each) == one process (4 steps) at the same global batch; a
+    sharded resume reaches the uninterrupted FSDP run's weights; the gathered folder scores in transformers'
+    MistralForSequenceClassification as in ours."""
+    import transformers
+    common = ["--batch_size", "16", "--micro_batch_size", "4", "--max_train_pairs", "64", "--lr", "1e-3",
+              "--norm_pairs", "32"]
+    R.main(run_args(world, tmp_path / "one", *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def torchrun(*args: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "reward_model.py"), *args]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+    torchrun(*run_args(world, tmp_path / "fsdp", *common, "--micro_batch_size", "4", "--fsdp", "--grad_ckpt"))
+    torchrun(*run_args(world, tmp_path / "cut", *common, "--fsdp", "--grad_ckpt", "--max_steps", "2"))
+    assert (tmp_path / "cut" / "ckpt" / "sharded" / "extra.json").is_file()
+    torchrun(*run_args(world, tmp_path / "cut", *common, "--fsdp", "--grad_ckpt", "--resume", str(tmp_path / "cut")))
+    a, b, c = (final_weights(tmp_path / run) for run in ("one", "fsdp", "cut"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-6, msg=k)
+    sa, sb = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "fsdp"))
+    assert sb["test_accuracy"] == pytest.approx(sa["test_accuracy"], abs=1 / sa["test"]["pairs"])
+    assert sb["reward_mean"] == pytest.approx(sa["reward_mean"], abs=1e-4)
+    folder = tmp_path / "fsdp" / "final"
+    hf = transformers.MistralForSequenceClassification.from_pretrained(folder).eval()
+    ours = R.RewardModel.from_pretrained(folder).eval()
+    x = torch.randint(3, 200, (2, 9))
+    m = torch.ones_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, m), hf(x, attention_mask=m).logits[:, 0].float(), atol=1e-5, rtol=1e-5)
+
+
 def test_bradley_terry_loss_and_gradient_equal_the_hand_derived_formula():
     """Value against a naive -log(1 / (1 + exp(-(r_c - r_r - m)))) + c (r_c + r_r)^2, averaged; gradient against
     its derivative -sigmoid(-(r_c - r_r - m)) / n + 2 c (r_c + r_r) / n, worked out by hand."""
