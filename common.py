@@ -539,11 +539,29 @@ def log(msg: str) -> None:
 
 
 def eta(done: int, total: int, elapsed: float) -> str:
-    """The progress line's tail: `ETA 1m23s` from the average rate so far."""
+    """The progress line's tail: `ETA 1m23s` from the average rate so far (`done` units in `elapsed` seconds)."""
     if done <= 0:
         return "ETA ?"
     left = elapsed / done * max(0, total - done)
     return f"ETA {int(left // 60)}m{int(left % 60):02d}s" if left >= 60 else f"ETA {left:.0f}s"
+
+
+class Progress:
+    """A progress line with rate and ETA every few seconds (main rank only), for long loops without steps."""
+
+    def __init__(self, what: str, total: int, enabled: bool, every: float = 5.0):
+        self.what, self.total, self.enabled, self.every = what, total, enabled, every
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > self.every) and self.done < self.total:
+            rate = self.done / (now - self.t0)
+            left = eta(self.done, self.total, now - self.t0)
+            print(f"  {self.what}: {self.done}/{self.total} ({rate:.1f}/s, {left})", flush=True)
+            self.last = now
 
 
 def toxic_regex(lexicon: list[str]) -> re.Pattern | None:

@@ -92,6 +92,7 @@ import torch
 from benchmarks import LETTERS, LOADERS, clean_number, extract_boxed, sha256_path
 from common import (
     InputError,
+    Progress,
     autocast_ctx,
     check_output_path,
     cleanup_distributed,
@@ -684,24 +685,6 @@ def build_prompt(td: TaskData, doc: dict, mode: str, k: int, fewshot_seed: int |
 
 # ----------------------------------------------------------------------------------------------------------
 # The model wrapper: log-likelihood, rolling log-likelihood, generation, the bad-word probe
-
-
-class Progress:
-    """A progress line with rate and ETA every few seconds (rank 0 only)."""
-
-    def __init__(self, what: str, total: int, enabled: bool, every: float = 5.0):
-        self.what, self.total, self.enabled, self.every = what, total, enabled, every
-        self.t0 = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > self.every) and self.done < self.total:
-            rate = self.done / (now - self.t0)
-            eta = (self.total - self.done) / rate
-            print(f"  {self.what}: {self.done}/{self.total} ({rate:.1f}/s, ETA {eta:.0f}s)", flush=True)
-            self.last = now
 
 
 class LM:

@@ -105,6 +105,7 @@ from common import (
     cli,
     clip_grad_norm,
     cosine_lr,
+    eta,
     field_of,
     full_state_dict,
     gradient_sync,
@@ -998,13 +999,13 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                                        cfg.rollout_batch_size)
         if dist_info.is_main:
             logger.log(row)
-            eta = (time.perf_counter() - t_start) / max(1, it - start_it) * (cfg.total_iters - it)
             log(f"it {it}/{cfg.total_iters} | score {s['objective/scores']:+.3f} | kl {s['objective/kl']:.3f} "
                 f"(beta {kl_coef:.3g}) | eos {s['val/num_eos_tokens']:.2f} | len {s['val/response_length']:.1f}"
                 f" | tox {s.get('val/toxicity_rate', float('nan')):.2f} | ratio {s['val/ratio']:.3f} clip "
                 f"{s['policy/clipfrac_avg']:.3f} | ev "
                 f"{s['val/explained_variance']:.2f} | {t_tot:.2f}s/it ({100 * ro['t_generate'] / t_tot:.0f}% "
-                f"generate) {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+                f"generate) {row['tokens_per_s']:.0f} tok/s | "
+                f"{eta(it - start_it, cfg.total_iters - start_it, time.perf_counter() - t_start)}")
 
         if eval_prompts and cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.total_iters:
             run_eval(it, "periodic")

@@ -72,6 +72,7 @@ from common import (
     cli,
     clip_grad_norm,
     cosine_lr,
+    eta,
     field_of,
     flops_per_token,
     full_state_dict,
@@ -693,7 +694,6 @@ def main(argv: list[str] | None = None) -> None:
             tps = tok_since * W / max(dt, 1e-9)
             mfu = tps * fpt / peak if peak else float("nan")
             elapsed = time.time() - t_start
-            eta = elapsed / max(step - start_step, 1) * (cfg.max_steps - step)
             if dist_info.is_main:
                 logger.log(
                     {
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} | "
                     f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% of "
                     f"{'datasheet peak' if device.type == 'cuda' else 'measured fp32 matmul peak'} | "
-                    f"ETA {eta:.0f}s"
+                    f"{eta(step - start_step, cfg.max_steps - start_step, elapsed)}"
                 )
             t_log, tok_since = time.time(), 0
         if due(step, cfg.eval_interval) or last_step:

@@ -75,6 +75,7 @@ from common import (
     clip_grad_norm,
     cosine_lr,
     count_params,
+    eta,
     flops_per_token,
     full_state_dict,
     gradient_sync,
@@ -795,11 +796,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "chosen": sums[3].item() / n, "rejected": sums[4].item() / n, "pairs_per_s": pairs_s,
                    "tokens_per_s": sums[6].item() / dt,
                    "mfu": pairs_s * flops_per_pair / peak if peak else None}
-            eta = (stop_at - step) * (time.time() - t_loop) / (step - start_step)
             log(f"step {step}/{total_steps} | loss {row['loss']:.4f} | train acc {row['accuracy']:.3f} | margin "
                 f"{row['margin']:+.3f} | lr {lr:.2e} | {pairs_s:.1f} pairs/s"
                 + (f" | {100 * row['mfu']:.1f}% of {'GPU' if device.type == 'cuda' else 'CPU matmul'} peak"
-                   if row["mfu"] is not None else "") + f" | ETA {eta:.0f}s")
+                   if row["mfu"] is not None else "")
+                + f" | {eta(step - start_step, stop_at - start_step, time.time() - t_loop)}")
             if logger:
                 logger.log(row)
             sums.zero_()
