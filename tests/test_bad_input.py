@@ -283,9 +283,15 @@ def test_ppo_refuses_bad_settings_and_prompt_files(kit, tmp_path, capsys, kw, na
     refused(ppo_rlhf, ppo_argv(kit, out, **kw), capsys, out, *names)
 
 
-def test_ppo_refuses_an_out_that_is_a_file(kit, tmp_path, capsys):
+def test_ppo_refuses_an_out_that_is_a_file_and_a_truncated_resume_state(kit, tmp_path, capsys):
     taken = out_is_a_file(tmp_path)
     refused(ppo_rlhf, ppo_argv(kit, taken), capsys, tmp_path / "none", "--out", "existing file")
+    run = tmp_path / "run"
+    common.cli(ppo_rlhf.main, ppo_argv(kit, run, total_iters="2", stop_after_iters="1", save_every="1"))
+    state = run / "state" / "optim.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    refused(ppo_rlhf, ppo_argv(kit, run, total_iters="2", resume=str(run)), capsys, run, "optim.pt",
+            "truncated or corrupt")
 
 
 # ----------------------------------------------------------------------------------------------------------------
