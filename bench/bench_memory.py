@@ -5,7 +5,9 @@
 
 For each world size and mode, every rank builds the model, wraps it (common.parallelize), builds AdamW and takes
 one training step; then it counts the bytes it holds of parameters, gradients and optimizer state (the local
-shard of each DTensor under FSDP2) and its peak resident memory. Under FSDP2 the first three fall as 1/N.
+shard of each DTensor under FSDP2) and its peak resident memory. Under FSDP2 the model is built on the meta
+device and only the local shards are allocated (the trainers instead shard a model they loaded whole, so their
+peak includes one full copy). Under FSDP2 the first three fall as 1/N.
 Generation under FSDP2 is timed twice on 2 ranks: the actor unsharded once for the whole generation
 (common.unsharded, what ppo_rlhf.py does) vs an all-gather of every layer at every decode step.
 The 7B table applies the same per-parameter bytes to Mistral-7B (7.24e9 parameters, 32 layers, hidden 4096) on
@@ -38,6 +40,18 @@ SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidd
              num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=512, tie_word_embeddings=False)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM of its own address space (getrusage's ru_maxrss survives
+    exec, so a spawned rank would report its parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def local_bytes(tensors) -> int:
     total = 0
     for t in tensors:
@@ -55,8 +69,17 @@ def worker(rank: int, world: int, port: int, mode: str, device: str, out: str, g
     dist_info = C.init_distributed(device) if world > 1 else C.DistInfo(False, 0, 0, 1)
     dev, dtype = C.resolve_device_dtype(device, "bf16" if device == "cuda" else "fp32", rank)
     torch.manual_seed(0)
-    model = M.MistralForCausalLM(M.ModelConfig(**SHAPE)).to(dev)
-    train = C.parallelize(model, dist_info, dev, dtype, fsdp=mode == "fsdp")
+    if mode == "fsdp":  # FSDP2's own recipe: shard on the meta device, then allocate only the local shards
+        with torch.device("meta"):
+            model = M.MistralForCausalLM(M.ModelConfig(**SHAPE))
+        train = C.parallelize(model, dist_info, dev, dtype, fsdp=True)
+        model.to_empty(device=dev)
+        with torch.no_grad():
+            for p in model.parameters():
+                (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02)  # memory, not values, is measured
+    else:
+        model = M.MistralForCausalLM(M.ModelConfig(**SHAPE)).to(dev)
+        train = C.parallelize(model, dist_info, dev, dtype, fsdp=False)
     opt = torch.optim.AdamW(train.parameters(), lr=1e-4)
     B, T = (8, 512) if device == "cuda" else (2, 64)
     x = torch.randint(3, SHAPE["vocab_size"], (B, T), device=dev)
@@ -80,7 +103,7 @@ def worker(rank: int, world: int, port: int, mode: str, device: str, out: str, g
     row = {"mode": mode, "world": world, "rank": rank, "params_bytes": local_bytes(params),
            "grads_bytes": local_bytes(p.grad for p in params),
            "optim_bytes": local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "peak_rss_bytes": peak_rss_bytes(),
            "step_s": dt, "tokens_per_s": B * T * world / dt if steps > 1 else None}
     if dev.type == "cuda":
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(dev)
