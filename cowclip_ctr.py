@@ -73,6 +73,20 @@ Implementation details (the numbers appear again at the lines that implement the
     interrupted run's; a given flag that defines the run must equal the saved one (MAY_DIFFER
     lists those that may change, such as --log_every or --out, which then starts a copy of the
     run there). A fresh run refuses an --out that holds an unfinished run's checkpoint.
+13. `--embed_update sparse` (a deviation from the reference, which is `dense`): only the rows of E and L
+    present in the global batch are touched. Their unique rows are gathered into leaf tensors before the
+    forward, so the backward yields a (U, d) gradient instead of a dense (V, d) one (DDP all-reduces
+    only those rows); L2 is lazy (2*lambda*w on present rows only) and CowClip clips the same rows with
+    the same counts; the embedding Adam is lazy (TF Addons LazyAdam / torch.optim.SparseAdam): absent
+    rows keep weights and moments, while the bias correction counts every step. When every row is
+    present at every step this equals the dense path; otherwise absent rows no longer decay under L2
+    and Adam momentum, which is what makes the dense path cost O(V) per step.
+14. Both paths compute the data gradient of E and L the same way: the global batch's unique rows u are
+    gathered into leaf tensors (U, d) and (U, 1) before the forward, and the backward of that gather is
+    one index_add_ (`GatherRows`), instead of nn.Embedding's CPU backward, which sorts the B*F ids and
+    fills a (V, d) gradient. DDP leaves E and L alone and train_step all-reduces the (U, d + 1) rows,
+    not V x (d + 1). The dense path then writes them into its whole-table gradient before the L2 term,
+    so its arithmetic is the reference's; only the buffer the gradient lives in is kept across steps.
 
 Input errors (a flag, a raw row, a data folder) end the run before anything is written, with one
 line on stderr, `cowclip_ctr.py: error: <path>:<line>: field '<name>': <what is wrong; what to do>`,
@@ -140,6 +154,9 @@ class Config:
     clip: str = "code"  # code: LargeBatchCTR clip.py; paper: Algorithm 1 literally; none
     cowclip_r: float = 1.0  # CowClip ratio r
     cowclip_zeta: float = 1e-5  # CowClip lower bound zeta ("code zeta": floor r*sqrt(d)*zeta)
+    # dense: the reference (L2 and the embedding Adam over every row, every step); sparse: lazy, only the
+    # rows present in the batch get L2 and an Adam update (TF LazyAdam / torch SparseAdam), detail 13
+    embed_update: str = "dense"
     epochs: int = 2  # passes over the training set
     seed: int = 1235  # init and batch-order seed (reference default)
     # --- runtime
@@ -176,6 +193,7 @@ CHOICES = {
     "encoding": ("lbctr", "bars"),
     "scale_rule": ("cowclip", "sqrt", "linear", "none"),
     "clip": ("code", "paper", "none"),
+    "embed_update": ("dense", "sparse"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "fp32", "bf16", "fp16"),
 }
@@ -267,21 +285,32 @@ def cowclip_threshold(
 
 
 @torch.no_grad()
-def cowclip_(
-    weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, r: float, zeta: float, mode: str
-) -> tuple[int, int]:
-    """Clip `grad` (V, d) in place for the ids of the batch; returns (rows clipped, present)."""
-    rows, counts = torch.unique(ids.reshape(-1), return_counts=True)  # present ids and their counts
-    g = grad[rows]  # (U, d)
-    g_norm = g.norm(dim=1)
-    t = cowclip_threshold(weight[rows].norm(dim=1), counts.to(g.dtype), r, zeta, weight.shape[1], mode)
+def cowclip_rows_(
+    w_rows: torch.Tensor, g_rows: torch.Tensor, counts: torch.Tensor, r: float, zeta: float, mode: str
+) -> int:
+    """Clip the gradient rows (U, d) of the ids present in the batch in place, given their weights (U, d)
+    and in-batch counts (U,); returns how many rows were clipped."""
+    g_norm = g_rows.norm(dim=1)
+    t = cowclip_threshold(w_rows.norm(dim=1), counts.to(g_rows.dtype), r, zeta, w_rows.shape[1], mode)
     clipped = g_norm > t
     # g * min(1, t / ||g||); rows with ||g|| <= t (zero rows included) are left bit-identical
-    scale = torch.where(clipped, t / torch.where(clipped, g_norm, 1.0), 1.0)
+    g_rows.mul_(torch.where(clipped, t / torch.where(clipped, g_norm, 1.0), 1.0)[:, None])
+    return int(clipped.sum())
+
+
+@torch.no_grad()
+def cowclip_(
+    weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, r: float, zeta: float, mode: str, unique=None
+) -> tuple[int, int]:
+    """Clip the dense `grad` (V, d) in place for the ids of the batch; returns (rows clipped, present).
+    `unique`: (rows, counts) of `ids` when the caller has them already."""
+    rows, counts = unique if unique is not None else torch.unique(ids.reshape(-1), return_counts=True)
+    g = grad[rows]  # (U, d)
+    n_clipped = cowclip_rows_(weight[rows], g, counts, r, zeta, mode)
     if mode == "paper":
         grad.zero_()  # Alg. 1 literally: cnt = 0 for absent ids, so clip value and gradient are 0
-    grad[rows] = g * scale[:, None]
-    return int(clipped.sum()), int(rows.numel())
+    grad[rows] = g
+    return n_clipped, int(rows.numel())
 
 
 def scaled_hparams(cfg: Config, batch_size: int | None = None) -> dict:
@@ -482,6 +511,24 @@ def load_preprocessed(folder: str) -> dict:
 # model (detail 1)
 
 
+class GatherRows(torch.autograd.Function):
+    """table[index] for a (U, k) table and (B, F) index -> (B, F, k); the backward is one index_add_, where
+    nn.Embedding's CPU backward first sorts the B*F ids (a fifth of the 8K step; bench/bench_ctr_vs_deepctr.py)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.n_rows = table.shape[0]
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        k = grad.shape[-1]
+        out = grad.new_zeros(ctx.n_rows, k).index_add_(0, index.reshape(-1), grad.reshape(-1, k))
+        return out, None
+
+
 class DeepFM(nn.Module):
     def __init__(self, field_dims: list[int], n_dense: int, embed_dim: int, mlp: list[int], init_std: float):
         super().__init__()
@@ -498,7 +545,7 @@ class DeepFM(nn.Module):
             lin = nn.Linear(width, h)
             glorot_normal_(lin.weight)
             nn.init.zeros_(lin.bias)
-            layers += [lin, nn.ReLU()]
+            layers += [lin, nn.ReLU(inplace=True)]  # in place: one (B, h) buffer less per layer
             width = h
         self.mlp = nn.Sequential(*layers)
         self.mlp_out = nn.Linear(width, 1, bias=False)
@@ -506,10 +553,14 @@ class DeepFM(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))  # global bias of DeepCTR's PredictionLayer
         self.mlp_dtype: torch.dtype | None = None  # set to bf16/fp16 for autocast of the MLP (detail 7)
 
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor, rows: tuple | None = None) -> torch.Tensor:
         # ids: (B, F) offset ids into the concatenated tables; dense: (B, n_dense)
-        e = self.embed(ids)  # (B, F, d), one gather for all fields
-        first = self.linear_embed(ids).sum((1, 2)) + self.dense_kernel(dense).squeeze(-1)  # (B,)
+        if rows is None:
+            e, lin = self.embed(ids), self.linear_embed(ids)  # (B, F, d), (B, F, 1): one gather per table
+        else:  # training (detail 14): the batch's unique rows of E and L as leaves (U, d), (U, 1); ids -> rows (B, F)
+            inverse, e_rows, l_rows = rows
+            e, lin = GatherRows.apply(e_rows, inverse), GatherRows.apply(l_rows, inverse)
+        first = lin.sum((1, 2)) + self.dense_kernel(dense).squeeze(-1)  # (B,)
         x = torch.cat([e.flatten(1), dense], 1)  # (B, F*d + n_dense)
         with torch.autocast(
             ids.device.type, dtype=self.mlp_dtype or torch.bfloat16, enabled=self.mlp_dtype is not None
@@ -527,13 +578,45 @@ def dense_params(model: DeepFM) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in emb]
 
 
-def make_optimizers(model: DeepFM, hp: dict) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+class LazyAdam(torch.optim.Optimizer):
+    """Detail 13: Adam on the rows of a sparse gradient only, as TF Addons' LazyAdam and torch.optim.SparseAdam
+    do: rows absent from the batch keep their weights and both moments. A present row takes torch.optim.Adam's
+    update (eps added after the bias-corrected sqrt; SparseAdam adds it before), and the bias correction counts
+    every step, present or not, so a row present at every step follows the dense Adam exactly."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-7):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                st["step"] += 1
+                t = st["step"].item()
+                rows, g = p.grad._indices()[0], p.grad._values()  # (U,) unique rows, (U, d)
+                m = st["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
+                v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+                denom = v.sqrt_().div_(math.sqrt(1 - b2**t)).add_(eps)
+                p.index_add_(0, rows, m.div_(denom), alpha=-lr / (1 - b1**t))
+
+
+def make_optimizers(model: DeepFM, hp: dict, embed_update: str = "dense") -> tuple[torch.optim.Optimizer, ...]:
     # detail 4: two Adams with Keras' eps 1e-7 (PyTorch default 1e-8); fused kernels where available
-    kw = {"betas": (0.9, 0.999), "eps": 1e-7, "fused": True}
-    return (
-        torch.optim.Adam(embedding_params(model), lr=hp["lr_embed"], **kw),
-        torch.optim.Adam(dense_params(model), lr=1e-8 if hp["warmup_steps"] else hp["lr_dense"], **kw),
-    )
+    kw = {"betas": (0.9, 0.999), "eps": 1e-7}
+    if embed_update == "sparse":  # detail 13
+        opt_e = LazyAdam(embedding_params(model), lr=hp["lr_embed"], **kw)
+    else:
+        opt_e = torch.optim.Adam(embedding_params(model), lr=hp["lr_embed"], fused=True, **kw)
+    lr_d = 1e-8 if hp["warmup_steps"] else hp["lr_dense"]
+    return opt_e, torch.optim.Adam(dense_params(model), lr=lr_d, fused=True, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -545,26 +628,53 @@ def train_step(
 ) -> tuple[torch.Tensor, int, int]:
     """Fwd/bwd on this rank's share, L2 + CowClip on the global gradient, both Adam steps."""
     ids, dense, y = batch
-    loss = F.binary_cross_entropy_with_logits(model(ids, dense), y)  # mean over this rank's rows
-    opt_e.zero_grad(set_to_none=True)
+    sparse = cfg.embed_update == "sparse"
+    E, L = raw.embed.weight, raw.linear_embed.weight
+    gids = ids
+    if ddp:  # detail 6: ids of the global batch, the same on every rank
+        gids = torch.empty((dist.get_world_size() * ids.shape[0], ids.shape[1]), dtype=ids.dtype, device=ids.device)
+        dist.all_gather_into_tensor(gids, ids.contiguous())
+    # detail 14: the data gradient of E and L lives on the batch's unique rows u only, so those rows are
+    # gathered into leaves (U, d), (U, 1) that the backward fills, instead of a (V, d) embedding backward
+    u, inverse, counts = torch.unique(gids.reshape(-1), return_inverse=True, return_counts=True)
+    r0 = dist.get_rank() * ids.shape[0] if ddp else 0
+    inverse = inverse.view(gids.shape)[r0 : r0 + ids.shape[0]]  # (B, F): this rank's ids -> rows of u
+    e_rows, l_rows = E.detach()[u].requires_grad_(), L.detach()[u].requires_grad_()  # (U, d), (U, 1)
+    loss = F.binary_cross_entropy_with_logits(model(ids, dense, (inverse, e_rows, l_rows)), y)  # mean, this rank
     opt_d.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # DDP: grads are now the mean over the GLOBAL batch (detail 6)
+    scaler.scale(loss).backward()  # DDP: dense grads are now the mean over the GLOBAL batch (detail 6)
+    g = torch.cat([e_rows.grad, l_rows.grad], 1)  # (U, d + 1)
+    if ddp:  # DDP ignores E and L: their (U, d + 1) rows are all-reduced here, then the L2 term follows
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+    idx = u.long()
+    for p, gp in ((E, g[:, :-1]), (L, g[:, -1:])):  # the data gradient, handed to the optimizer's params
+        if sparse:  # detail 13: as a sparse (V, k) gradient of the present rows
+            p.grad = torch.sparse_coo_tensor(
+                idx[None], gp.contiguous(), p.shape, is_coalesced=True, check_invariants=False
+            )
+        else:  # the reference's dense (V, k) gradient, in a buffer kept from step to step
+            p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad.zero_().index_copy_(0, idx, gp)
     scaler.unscale_(opt_e)  # detail 7: unscale before L2 and clipping, the threshold compares g with w
     scaler.unscale_(opt_d)
     with torch.no_grad():
-        for p in (raw.embed.weight, raw.linear_embed.weight, raw.dense_kernel.weight):
-            p.grad.add_(p, alpha=2 * hp["l2"])  # detail 2: d/dw of lambda * sum(w^2), whole table
         n_clipped = n_rows = 0
-        if cfg.clip != "none":
-            gids = ids
-            if ddp:  # detail 6: counts over the global batch, so every rank clips identically
-                gids = torch.empty(
-                    (dist.get_world_size() * ids.shape[0], ids.shape[1]), dtype=ids.dtype, device=ids.device
+        raw.dense_kernel.weight.grad.add_(raw.dense_kernel.weight, alpha=2 * hp["l2"])  # detail 2
+        if sparse:  # detail 13: lazy L2, on the present rows only; CowClip on those same rows
+            g_e, g_l = E.grad._values(), L.grad._values()
+            g_e.add_(e_rows.detach(), alpha=2 * hp["l2"])
+            g_l.add_(l_rows.detach(), alpha=2 * hp["l2"])
+            if cfg.clip != "none":
+                n_clipped = cowclip_rows_(e_rows.detach(), g_e, counts, cfg.cowclip_r, cfg.cowclip_zeta, cfg.clip)
+                n_rows = int(u.numel())
+        else:
+            for p in (E, L):
+                p.grad.add_(p, alpha=2 * hp["l2"])  # detail 2: d/dw of lambda * sum(w^2), whole table
+            if cfg.clip != "none":
+                n_clipped, n_rows = cowclip_(
+                    E, E.grad, gids, cfg.cowclip_r, cfg.cowclip_zeta, cfg.clip, unique=(idx, counts)
                 )
-                dist.all_gather_into_tensor(gids, ids.contiguous())
-            n_clipped, n_rows = cowclip_(
-                raw.embed.weight, raw.embed.weight.grad, gids, cfg.cowclip_r, cfg.cowclip_zeta, cfg.clip
-            )
     scaler.step(opt_e)
     scaler.step(opt_d)
     scaler.update()
@@ -870,18 +980,21 @@ def train(
     hp = scaled_hparams(cfg)
     hp["warmup_steps"] = round(cfg.warmup_epochs * steps_per_epoch)
     hp["steps_per_epoch"] = steps_per_epoch
-    if 2 * hp["l2"] >= cfg.cowclip_r and cfg.clip == "code":
+    if 2 * hp["l2"] >= cfg.cowclip_r and cfg.clip == "code" and cfg.embed_update == "dense":
         say("warning: 2*l2 >= r: the reference would clip absent rows too; we clip present ones only")
     model = raw
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
+        # detail 14: train_step all-reduces the batch's rows of E and L itself
+        names = [n for n, p in model.named_parameters() if any(p is q for q in embedding_params(raw))]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
         model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device] if device.type == "cuda" else None,
             broadcast_buffers=False,  # the only buffer (field offsets) is a constant
         )
-    opt_e, opt_d = make_optimizers(raw, hp)
+    opt_e, opt_d = make_optimizers(raw, hp, cfg.embed_update)
     scaler = torch.amp.GradScaler(device.type, enabled=rt["dtype"] == "fp16")
     bayes = None
     if "test_true_logit" in data:  # detail 10: the hidden model's own predictions on the test rows

@@ -1,0 +1,201 @@
+"""cowclip_ctr.py's DeepFM step against DeepCTR-Torch's DeepFM (shenweichen/DeepCTR-Torch), same shape, same rows.
+
+    OMP_NUM_THREADS=1 python bench/bench_ctr_vs_deepctr.py            # batch 1K and 8K, one epoch AUC each
+    OMP_NUM_THREADS=1 python bench/bench_ctr_vs_deepctr.py --no-auc   # step speed only
+
+Shape: 26 sparse fields (~800K embedding rows in all, dim 10), 13 dense, DNN 400-400-400, on synthetic
+Criteo-like rows (cowclip_ctr.make_synthetic). One process, one thread, the variants alternate (A B C A B C
+...) so that a shared machine's load falls on all of them alike; the median over rounds is reported.
+
+- samples/s of one training step: ours = `cowclip_ctr.train_step` (L2, CowClip, two Adams), dense (the
+  reference's whole-table semantics) and sparse (`--embed_update sparse`); DeepCTR-Torch = the body of its
+  `BaseModel.fit` loop (forward, sum-BCE + its L2 term, backward, Adam), on its own float input matrix.
+- test AUC after one epoch through each library's own entry point: `cowclip_ctr.train` (CowClip rule at
+  that batch) and DeepCTR-Torch's `model.fit` / `model.predict` with its defaults.
+
+Without deepctr-torch installed (`pip install --no-deps deepctr-torch scikit-learn tqdm`) the table shows
+our dense vs sparse ratios only. Writes out/bench/bench_ctr_vs_deepctr.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cowclip_ctr as cc
+
+try:
+    import deepctr_torch
+    from deepctr_torch.inputs import DenseFeat, SparseFeat
+    from deepctr_torch.models import DeepFM as DeepCTRDeepFM
+except ImportError:
+    deepctr_torch = None
+
+
+def ours_step(data: dict, batch: int, mode: str):
+    """A closure that runs one full training step of ours on the next batch of a fixed permutation."""
+    cfg = cc.Config(batch_size=batch, embed_update=mode)
+    torch.manual_seed(0)
+    model = cc.DeepFM(data["field_dims"], data["n_dense"], 10, [400, 400, 400], cfg.init_std)
+    train = cc.to_device(data["train"], model.offsets, "cpu")
+    hp = {**cc.scaled_hparams(cfg), "warmup_steps": 0}
+    opt_e, opt_d = cc.make_optimizers(model, hp, mode)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    perm, state = torch.randperm(len(train[2]), generator=torch.Generator().manual_seed(0)), {"i": 0}
+
+    def step():
+        i = state["i"] % (len(perm) // batch)
+        state["i"] += 1
+        idx = perm[i * batch : (i + 1) * batch]
+        cc.train_step(model, model, tuple(t[idx] for t in train), opt_e, opt_d, scaler, hp, cfg, ddp=False)
+
+    return step
+
+
+def deepctr_model(data: dict):
+    sparse = [SparseFeat(f"C{f}", vocabulary_size=d, embedding_dim=10) for f, d in enumerate(data["field_dims"])]
+    dense = [DenseFeat(f"I{j}", 1) for j in range(data["n_dense"])]
+    cols = sparse + dense
+    model = DeepCTRDeepFM(cols, cols, dnn_hidden_units=(400, 400, 400), device="cpu")  # its defaults otherwise
+    model.compile("adam", "binary_crossentropy")  # torch.optim.Adam(lr 1e-3) on every parameter
+    return model, [c.name for c in cols]
+
+
+def deepctr_inputs(split: tuple, names: list[str]) -> dict:
+    ids, dense, _ = split
+    return {n: (ids[:, int(n[1:])] if n[0] == "C" else dense[:, int(n[1:])]) for n in names}
+
+
+def deepctr_step(data: dict, batch: int):
+    """The body of DeepCTR-Torch's BaseModel.fit loop (deepctr_torch/models/basemodel.py), on its own input."""
+    model, names = deepctr_model(data)
+    x_dict = deepctr_inputs(data["train"], names)
+    x = torch.from_numpy(np.stack([np.asarray(x_dict[n], dtype=np.float64) for n in names], 1)).float()
+    y = torch.from_numpy(data["train"][2]).float()
+    perm, state = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)), {"i": 0}
+    model.train()
+
+    def step():
+        i = state["i"] % (len(perm) // batch)
+        state["i"] += 1
+        idx = perm[i * batch : (i + 1) * batch]
+        xb, yb = x[idx], y[idx]
+        y_pred = model(xb).squeeze()
+        model.optim.zero_grad()
+        loss = F.binary_cross_entropy(y_pred, yb.squeeze(), reduction="sum")  # its loss: a SUM over the batch
+        total = loss + model.get_regularization_loss() + model.aux_loss
+        total.backward()
+        model.optim.step()
+
+    return step
+
+
+def auc_ours(data: dict, batch: int, mode: str, epochs: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = cc.Config(batch_size=batch, embed_update=mode, epochs=epochs, out=out, save_model=False, log_every=10**9)
+        t = time.perf_counter()
+        s = cc.train(cfg, data, quiet=True, checkpoints=False)
+    return {"auc": s["auc"], "logloss": s["logloss"], "bayes_auc": s["bayes_auc"], "wall_s": time.perf_counter() - t}
+
+
+def auc_deepctr(data: dict, batch: int, epochs: int) -> dict:
+    model, names = deepctr_model(data)
+    t = time.perf_counter()
+    model.fit(deepctr_inputs(data["train"], names), data["train"][2], batch_size=batch, epochs=epochs, verbose=0)
+    p = model.predict(deepctr_inputs(data["test"], names), batch_size=65536).reshape(-1).astype(np.float64)
+    wall = time.perf_counter() - t
+    y = torch.from_numpy(data["test"][2])
+    logit = torch.from_numpy(np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log(np.clip(1 - p, 1e-7, 1 - 1e-7)))
+    return {"auc": cc.roc_auc(torch.from_numpy(p), y), "logloss": cc.log_loss(logit, y), "wall_s": wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", default="1024,8192")
+    p.add_argument("--vocab", type=int, default=800_000)  # embedding rows in all
+    p.add_argument("--n_train", type=int, default=400_000)  # rows of the one-epoch AUC run (and the step pool)
+    p.add_argument("--n_test", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=5)  # alternating rounds of the step timing
+    p.add_argument("--samples", type=int, default=32768)  # samples per variant per round
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--auc", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default="out/bench")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread each, as the library would get
+    t = time.time()
+    data = cc.make_synthetic(cc.Config(synth_vocab=args.vocab, n_train=args.n_train, n_test=args.n_test))
+    vocab = sum(data["field_dims"])
+    print(f"synthetic data: {args.n_train:,} train rows, {vocab:,} embedding rows ({time.time() - t:.0f}s)", flush=True)
+    have_lib = deepctr_torch is not None
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        variants = {"ours_dense": ours_step(data, b, "dense"), "ours_sparse": ours_step(data, b, "sparse")}
+        if have_lib:
+            variants["deepctr_torch"] = deepctr_step(data, b)
+        k = max(1, args.samples // b)
+        for f in variants.values():  # warm up: first-touch allocations, Adam state
+            f()
+            f()
+        sps = {n: [] for n in variants}
+        for _ in range(args.rounds):  # A B C A B C ...
+            for n, f in variants.items():
+                t = time.perf_counter()
+                for _ in range(k):
+                    f()
+                sps[n].append(k * b / (time.perf_counter() - t))
+        row = {"batch": b, "steps_per_round": k, "samples_per_s": {n: statistics.median(v) for n, v in sps.items()}}
+        row["samples_per_s_rounds"] = sps
+        if args.auc:
+            row["auc"] = {m: auc_ours(data, b, m.split("_")[1], args.epochs) for m in ("ours_dense", "ours_sparse")}
+            if have_lib:
+                row["auc"]["deepctr_torch"] = auc_deepctr(data, b, args.epochs)
+        rows.append(row)
+        print(
+            f"batch {b}: " + ", ".join(f"{n} {v:,.0f} samples/s" for n, v in row["samples_per_s"].items()), flush=True
+        )
+    base = "deepctr_torch" if have_lib else "ours_dense"
+    print(
+        f"\n1 thread, fp32, {vocab:,} embedding rows, {args.rounds} alternating rounds (median); AUC after "
+        f"{args.epochs} epoch(s) of {args.n_train:,} rows, test {args.n_test:,}"
+    )
+    names = list(rows[0]["samples_per_s"])
+    print(
+        "| batch | "
+        + " | ".join(f"{n} samples/s" for n in names)
+        + " | "
+        + " | ".join(f"{n} / {base}" for n in names if n != base)
+        + (" | " + " | ".join(f"{n} AUC" for n in names) + " | Bayes AUC" if args.auc else "")
+        + " |"
+    )
+    print("|---" * (1 + 2 * len(names) + (1 if args.auc else -1)) + "|")
+    for r in rows:
+        s = r["samples_per_s"]
+        cells = [
+            f"{r['batch']:,}",
+            *(f"{s[n]:,.0f}" for n in names),
+            *(f"{s[n] / s[base]:.2f}x" for n in names if n != base),
+        ]
+        if args.auc:
+            cells += [f"{r['auc'][n]['auc']:.4f}" for n in names] + [f"{r['auc']['ours_dense']['bayes_auc']:.4f}"]
+        print("| " + " | ".join(cells) + " |")
+    os.makedirs(args.out, exist_ok=True)
+    name = os.path.join(args.out, "bench_ctr_vs_deepctr.json")
+    meta = {"deepctr_torch": getattr(deepctr_torch, "__version__", None), "torch": torch.__version__, "threads": 1}
+    with open(name + ".tmp", "w") as f:
+        json.dump({**meta, **vars(args), "vocab_rows": vocab, "rows": rows}, f, indent=2)
+    os.replace(name + ".tmp", name)
+    print(f"bench done: {len(rows)} batch sizes -> {name}")
+
+
+if __name__ == "__main__":
+    main()
