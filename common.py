@@ -1,7 +1,8 @@
 """Script plumbing shared by pretrain.py, reward_model.py, ppo_rlhf.py and evaluate.py; model.py is the model.
 
 Flags from a config dataclass, input errors, reading and writing real files, torchrun / device / dtype set-up,
-the learning-rate schedule, FLOP counting for honest MFU lines, rank-0 logging and the toy lexicon match.
+data parallelism (DDP, or FSDP2 for models that do not fit one device), the learning-rate schedule, FLOP counting
+for honest MFU lines, rank-0 logging and progress lines, and the toy lexicon match.
 
 Input errors, in one mechanism: anything wrong with what the user gave (a flag, a file, a checkpoint) raises
 `InputError` with a message that names the file, line and field (`path:12: field 'chosen': ...; what to do`).
@@ -102,9 +103,8 @@ _made_dirs: list[Path] = []  # output folders this process created (removed agai
 
 def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Create an output folder (and its parents). A path naming an existing file is an input error."""
+    check_output_path(path, flag)
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise InputError(f"{flag} {p}: is an existing file, not a folder; choose another {flag}")
     if not p.exists():
         top = p
         while not top.parent.exists():  # the outermost folder this call creates
@@ -115,10 +115,14 @@ def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 
 def check_output_path(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Refuse an output folder that names an existing file, before any work is done."""
+    """Refuse, before any work is done, an output folder that names an existing file or lies below one."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise InputError(f"{flag} {p}: is an existing file, not a folder; choose another {flag}")
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is" if q == p else f"lies below {q}, which is"
+                raise InputError(f"{flag} {p}: {where} an existing file, not a folder; choose another {flag}")
+            return
 
 
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
