@@ -460,18 +460,26 @@ def _toy(base: str, path: str, fewshot: str = "", **kw) -> TaskSpec:
     return dataclasses.replace(TASKS[base], name=f"toy_{base}", path=path, fewshot=fewshot, root="toy", **kw)
 
 
-# Toy budget (<= 2 min on 2 CPU cores for base/SFT/PPO): item caps and generation lengths.
+# The toy group: toy versions of the eleven Mistral-Plus-style tasks (GROUPS["mistral_plus"]) with 240 test items
+# each (standard error <= 3.3 points), plus the rest of the toy world's tasks with smaller caps (budget: the
+# whole group for base / SFT / PPO in a few minutes on 2 CPU cores).
 TOY_TASKS = [
-    _toy("mmlu", "eval/mmlu/test", "eval/mmlu/dev", limit=60),
-    _toy("mmlu_cloze", "eval/mmlu/test", "eval/mmlu/dev", limit=100),
-    _toy("arc_easy", "eval/arc_easy/test.jsonl", "eval/arc_easy/train.jsonl", limit=100),
+    _toy("mmlu", "eval/mmlu/test", "eval/mmlu/dev"),
+    _toy("mmlu_cloze", "eval/mmlu/test", "eval/mmlu/dev"),
+    _toy("agieval_en", "eval/agieval", "eval/agieval/few_shot",
+         loader_args=(("subsets", ("toy-logic", "toy-sat-math")),)),
+    _toy("bbh", "eval/bbh/bbh", "eval/bbh/cot-prompts", max_new_tokens=64),
+    _toy("arc_easy", "eval/arc_easy/test.jsonl", "eval/arc_easy/train.jsonl"),
+    _toy("arc_challenge", "eval/arc_challenge/test.jsonl", "eval/arc_challenge/train.jsonl"),
+    _toy("hellaswag", "eval/hellaswag/validation.jsonl", "eval/hellaswag/train.jsonl"),
+    _toy("winogrande", "eval/winogrande/dev.jsonl", "eval/winogrande/train.jsonl"),
+    _toy("race_m", "eval/race/middle/test.jsonl", "eval/race/middle/train.jsonl"),
+    _toy("race_h", "eval/race/high/test.jsonl", "eval/race/high/train.jsonl"),
+    _toy("gsm8k", "eval/gsm8k/test.jsonl", "eval/gsm8k/train.jsonl", shots=4, max_new_tokens=48),
+    _toy("math", "eval/math/test.jsonl", "eval/math/train.jsonl", max_new_tokens=48),
     _toy("triviaqa", "eval/triviaqa/validation.jsonl", "eval/triviaqa/train.jsonl", limit=100,
          max_new_tokens=8),
     _toy("lambada", "eval/lambada/test.jsonl", "head:15", limit=60, max_new_tokens=6),
-    _toy("hellaswag", "eval/hellaswag/validation.jsonl", "eval/hellaswag/train.jsonl", limit=40),
-    _toy("winogrande", "eval/winogrande/dev.jsonl", "eval/winogrande/train.jsonl", limit=100),
-    _toy("race_m", "eval/race/test.jsonl", "eval/race/train.jsonl", limit=60),
-    _toy("gsm8k", "eval/gsm8k/test.jsonl", "eval/gsm8k/train.jsonl", limit=40, shots=4, max_new_tokens=40),
     _toy("humaneval", "eval/humaneval/test.jsonl", limit=54, max_new_tokens=24, instruction=""),
     _toy("truthfulqa_mc1", "eval/truthfulqa/mc.jsonl", "head:1", limit=100),
     _toy("realtoxicity", "eval/realtoxicity/prompts.jsonl", limit=40, max_new_tokens=24),
@@ -493,6 +501,7 @@ GROUPS: dict[str, list[str]] = {
                 "race_h", "gsm8k", "math", "triviaqa"],  # the 12th task is a guess
     "toy": [t.name for t in TOY_TASKS],
 }
+GROUPS["toy_mistral_plus"] = [f"toy_{n}" for n in GROUPS["mistral_plus"]]  # the eleven, in the toy world
 RECONSTRUCTED_GROUPS = {"mistral_plus", "ice_grt"}
 
 
@@ -623,14 +632,14 @@ def render_example(spec: TaskSpec, doc: dict, mode: str, variant: str, answer: b
 def ll_context(spec: TaskSpec, doc: dict, choice: int, variant: str) -> str:
     """Context of choice `choice` in ll mode (only winogrande's partial scoring depends on the choice)."""
     q_lab, a_lab = TEMPLATES[variant]["ll"]
-    if spec.ll_target == "letter":  # lm-eval MMLU layout: "A. text" lines, "Answer:" + " B"
+    passage = f"Passage: {doc['passage']}\n" if doc.get("passage") else ""
+    if spec.ll_target == "letter":  # lm-eval MMLU layout: "A. text" lines, "Answer:" + " B" (AGIEval: passage first)
         opts = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(doc["choices"]))
-        return f"{q_lab} {doc['question']}\n{opts}\n{a_lab}"
+        return f"{passage}{q_lab} {doc['question']}\n{opts}\n{a_lab}"
     if spec.ll_target == "ending":  # HellaSwag: the context is continued directly
         return doc["question"]
     if spec.ll_target == "partial":  # WinoGrande partial scoring: option substituted into the blank
         return doc["question"][:doc["question"].index("_")] + doc["choices"][choice]
-    passage = f"Passage: {doc['passage']}\n" if doc.get("passage") else ""
     return f"{passage}{q_lab} {doc['question']}\n{a_lab}"
 
 
@@ -1347,6 +1356,22 @@ def _fmt(v: Any, se: Any = None, pct: bool = True) -> str:
     return f"{v:.3f}" + (f" ± {se:.3f}" if isinstance(se, float) else "")
 
 
+# Category averages (the tables' macro-average rows, results.json's category_macro, results.png) put every task on
+# one scale, a higher-is-better score in [0, 1]: a lower-is-better rate (toxicity_rate) enters as 1 - rate, and a
+# metric that is not a rate in [0, 1] (ppl, bits_per_byte, judge_reward) is left out rather than mixed in.
+NOT_RATES = ("ppl", "bits_per_byte", "judge_reward")
+MACRO_RULE = "primary; lower-is-better rates as 1 - rate"
+
+
+def primary_score(spec: TaskSpec, task_results: dict, cfg: EvalConfig) -> float | None:
+    """The primary metric of the task's first mode as a higher-is-better score in [0, 1]; None when there is none
+    (skipped, not computed, or not a rate)."""
+    v = task_results.get(task_modes(spec, cfg)[0], {}).get(spec.primary)
+    if not isinstance(v, float) or spec.primary in NOT_RATES or not 0.0 <= v <= 1.0:  # NaN fails the range too
+        return None
+    return 1.0 - v if spec.lower_is_better else v
+
+
 def markdown_tables(results: dict, tasks: list[TaskData], models: list[str], cfg: EvalConfig) -> str:
     """One side-by-side table per category: task rows, model columns, chance column, category macro average."""
     lines = []
@@ -1379,12 +1404,11 @@ def markdown_tables(results: dict, tasks: list[TaskData], models: list[str], cfg
                     lines.append(f"| {spec.name} | {mode} | {m}{arrow} | " + " | ".join(cells) + f" | {chance} |")
         avg = []
         for name in models:
-            vals = [results[name][t.spec.name].get(task_modes(t.spec, cfg)[0], {}).get(t.spec.primary)
-                    for t in cat_tasks if not t.spec.lower_is_better]
-            vals = [v for v in vals if isinstance(v, float)]
+            vals = [primary_score(t.spec, results[name][t.spec.name], cfg) for t in cat_tasks]
+            vals = [v for v in vals if v is not None]
             avg.append(_fmt(sum(vals) / len(vals)) if vals else "-")
         if any(a != "-" for a in avg):
-            lines.append("| **macro average** | | primary | " + " | ".join(avg) + " | |")
+            lines.append(f"| **macro average** | | {MACRO_RULE} | " + " | ".join(avg) + " | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -1399,16 +1423,38 @@ def markdown_deviations(deviations: dict[str, list[str]]) -> str:
 
 
 def category_averages(results: dict, tasks: list[TaskData], cfg: EvalConfig) -> dict:
+    """Per model and category: the mean of primary_score over the category's tasks (the tables' macro row)."""
     out: dict[str, dict] = {}
     for name, res in results.items():
         out[name] = {}
         for cat in CATEGORIES:
-            vals = [res[t.spec.name].get(task_modes(t.spec, cfg)[0], {}).get(t.spec.primary)
-                    for t in tasks if t.spec.category == cat and not t.spec.lower_is_better]
-            vals = [v for v in vals if isinstance(v, float)]
+            vals = [primary_score(t.spec, res[t.spec.name], cfg) for t in tasks if t.spec.category == cat]
+            vals = [v for v in vals if v is not None]
             if vals:
                 out[name][cat] = _r(sum(vals) / len(vals))
     return out
+
+
+def eval_bars_table(results: dict, tasks: list[TaskData], models: list[str], cfg: EvalConfig) -> dict:
+    """results.png's bars (plots.plot_eval_bars): per task the score the category averages use, its stderr (the
+    std over few-shot seeds when there are several) and MC chance; tasks no model scored are left out."""
+    table: dict = {"models": models, "tasks": [], "values": {m: {} for m in models}, "chance": {}, "categories": {}}
+    for td in tasks:
+        spec, mode = td.spec, task_modes(td.spec, cfg)[0]
+        label = f"{spec.name}\n" + ("1 - " if spec.lower_is_better else "") + spec.primary
+        for m in models:
+            v = primary_score(spec, results[m][spec.name], cfg)
+            if v is None:
+                continue
+            r = results[m][spec.name][mode]
+            se = r["fewshot_seed_std"].get(spec.primary) if "fewshot_seed_std" in r else r.get(f"{spec.primary}_stderr")
+            table["values"][m][label] = (v, se if isinstance(se, float) else None)
+            if spec.mc and isinstance(r.get("chance"), float):
+                table["chance"][label] = r["chance"]
+        if any(label in table["values"][m] for m in models):
+            table["tasks"].append(label)
+            table["categories"][label] = spec.category
+    return table
 
 
 def _combine_seeds(per_seed: list[dict]) -> dict:
@@ -1577,6 +1623,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         write_json_atomic(out / "results.json", record)
         (out / "results.md.tmp").write_text(header + table)
         os.replace(out / "results.md.tmp", out / "results.md")
+        from plots import plot_eval_bars  # the picture is optional: without matplotlib this writes nothing
+        plot_eval_bars(eval_bars_table(results, live, names, cfg), out / "results.png",
+                       title=f"settings {shash}: primary metric of each task's first mode, % ± "
+                             + ("std over few-shot seeds" if len(cfg.fewshot_seeds) > 1 else "stderr")
+                             + "; lower-is-better rates as 1 - rate")
         write_json_atomic(out / "summary.json", {"settings_hash": shash, "category_macro": record["category_macro"],
                                                  "primary": {n: {t.spec.name: results[n][t.spec.name][
                                                      task_modes(t.spec, cfg)[0]].get(t.spec.primary)

@@ -14,9 +14,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=${1:-default}
+# SEED: one training seed for every step (pretrain, SFT, RM, PPO, evaluate); the world is the same for all seeds.
+# WORLD: an existing toy world to use instead of building one (bench/seeds.sh builds it once for all seeds).
+SEED=${SEED:-}
+SEEDS_ARGS=()
+if [ -n "$SEED" ]; then SEEDS_ARGS=(--seed "$SEED"); fi
+BUILD_WORLD=1
+if [ -n "${WORLD:-}" ]; then BUILD_WORLD=0; fi
 if [ "$MODE" = "--smoke" ]; then
     OUT=${OUT:-out/smoke}
-    WORLD=$OUT/toy
+    WORLD=${WORLD:-$OUT/toy}
     SIZE=tiny
     # a 30K-parameter model, a handful of steps: checks the plumbing, not the learning
     PRE=(--vocab_size 400 --hidden_size 32 --num_hidden_layers 2 --num_attention_heads 4 --num_key_value_heads 2
@@ -30,11 +37,13 @@ if [ "$MODE" = "--smoke" ]; then
     EVAL=(--limit 4)
 else
     OUT=${OUT:-out}
-    WORLD=data/toy
+    WORLD=${WORLD:-data/toy}
     SIZE=default
     PRE=()
-    # SFT baseline: a short, gentler run from the base model (response tokens only; pretrain.py detail 8)
-    SFT=(--lr 1e-3 --max_steps 60 --warmup_steps 5 --batch_size 16 --eval_interval 60 --log_interval 10)
+    # SFT baseline, ordinary settings: 2 epochs of the 2,000 SFT examples (250 steps of 16), peak LR 3e-4 = a
+    # tenth of the pretraining peak, cosine with 10 warmup steps, loss on response tokens only (pretrain.py
+    # detail 8). Not tuned on the evaluation.
+    SFT=(--lr 3e-4 --max_steps 250 --warmup_steps 10 --batch_size 16 --eval_interval 250 --log_interval 50)
     RM_TRAIN="$WORLD/preference/train.jsonl:0.25"  # a quarter of the pairs already reaches the noise ceiling
     RM=()
     PPO=()
@@ -57,24 +66,25 @@ timed() {  # timed NAME CMD...: run a step and record its wall time
 mkdir -p "$OUT"
 : > "$OUT/pipeline_times.txt"
 
-timed toyworld python data/toyworld.py --size "$SIZE" --out "$WORLD"
+if [ "$BUILD_WORLD" = 1 ]; then timed toyworld python data/toyworld.py --size "$SIZE" --out "$WORLD"; fi
 timed pretrain python pretrain.py --data "$WORLD/corpus/train.jsonl" --out "$OUT/pretrain" \
-    ${PRE[@]+"${PRE[@]}"} ${PRE_EXTRA[@]+"${PRE_EXTRA[@]}"}
+    ${SEEDS_ARGS[@]+"${SEEDS_ARGS[@]}"} ${PRE[@]+"${PRE[@]}"} ${PRE_EXTRA[@]+"${PRE_EXTRA[@]}"}
 timed sft python pretrain.py --sft --init "$OUT/pretrain/final" --data "$WORLD/sft/train.jsonl" \
-    --out "$OUT/sft" ${SFT[@]+"${SFT[@]}"} ${SFT_EXTRA[@]+"${SFT_EXTRA[@]}"}
+    --out "$OUT/sft" ${SEEDS_ARGS[@]+"${SEEDS_ARGS[@]}"} ${SFT[@]+"${SFT[@]}"} ${SFT_EXTRA[@]+"${SFT_EXTRA[@]}"}
 
 timed reward_model python reward_model.py --init "$OUT/pretrain/final" \
     --train_files "$RM_TRAIN" --test_files "$WORLD/preference/test.jsonl" \
-    --out "$OUT/reward_model" ${RM[@]+"${RM[@]}"} ${RM_EXTRA[@]+"${RM_EXTRA[@]}"}
+    --out "$OUT/reward_model" ${SEEDS_ARGS[@]+"${SEEDS_ARGS[@]}"} ${RM[@]+"${RM[@]}"} ${RM_EXTRA[@]+"${RM_EXTRA[@]}"}
 # Mistral-Plus: PPO starts from the *base* model, not from the SFT one
 timed ppo python ppo_rlhf.py --actor "$OUT/pretrain/final" --reward_model "$OUT/reward_model/final" \
     --prompts "$WORLD/prompts/train.jsonl#red_team" "$WORLD/prompts/train.jsonl#general" \
     --eval_prompts "$WORLD/prompts/test.jsonl" --eval_corpus "$WORLD/corpus/valid.jsonl" \
     --ptx_data "$WORLD/corpus/train.jsonl" --toxic_lexicon "$WORLD/card.json" --out "$OUT/ppo" \
-    ${PPO[@]+"${PPO[@]}"} ${PPO_EXTRA[@]+"${PPO_EXTRA[@]}"}
+    ${SEEDS_ARGS[@]+"${SEEDS_ARGS[@]}"} ${PPO[@]+"${PPO[@]}"} ${PPO_EXTRA[@]+"${PPO_EXTRA[@]}"}
 timed evaluate python evaluate.py --model base="$OUT/pretrain/final" --model sft="$OUT/sft/final" \
     --model ppo="$OUT/ppo/final" --judge "$OUT/reward_model/final" --toy_dir "$WORLD" \
-    --out "$OUT/evaluate" ${EVAL[@]+"${EVAL[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
+    --out "$OUT/evaluate" ${SEEDS_ARGS[@]+"${SEEDS_ARGS[@]}"} ${EVAL[@]+"${EVAL[@]}"} \
+    ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
 
 # the base vs SFT measurements of the pretraining step, read back from the runs' summary.json
 python - "$OUT" "$((SECONDS - T0))" <<'EOF'

@@ -126,6 +126,7 @@ from common import (
     write_json_atomic,
 )
 from model import MistralForCausalLM, Tokenizer, check_tokenizer_fits, logprobs_from_logits, pad_batch
+from plots import plot_ppo_runs  # optional picture: without matplotlib it writes nothing
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -1048,6 +1049,8 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
             critic.save_pretrained(run_dir / "critic", tokenizer=tok)
     if dist_info.is_main:
         write_json_atomic(run_dir / "summary.json", summary)
+        # the curves of this run (reward, KL, toxicity, EOS, length); plots.py compares several runs and seeds
+        plot_ppo_runs({"this run": [run_dir / "metrics.jsonl"]}, run_dir / "curves.png", title=f"ppo_rlhf.py {run_dir}")
         if "final" in summary:  # with held-out evaluation
             b, f = summary["base"], summary["final"]
             tk = f"toxicity_rate/{PROMPT_KINDS_TOXIC}"

@@ -19,15 +19,19 @@ paths as real data:
                                              docstrings, and HH-RLHF transcripts
                                              ("\\n\\nHuman: ...\\n\\nAssistant: ...") in which the assistant
                                              is rude or harmful on ~55% of red-team
-                                             requests and ~8% of general ones (the flaw RLHF must fix)
+                                             requests and ~8% of general ones (the flaw RLHF must fix),
+                                             and exam pages in the evaluation's layouts (detail 8)
     sft/train.jsonl                          {"prompt", "response"}: helpful and harmless answers
     preference/{train,test}.jsonl            HH-RLHF {"chosen", "rejected"} full transcripts, multi-turn included,
                                              with a known label-noise rate (card.json: label_noise and the
                                              rm_accuracy_ceiling it implies on the actual test file)
     prompts/{train,test}.jsonl               {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:",
                                               "kind": "red_team"|"general"}
-    eval/...                                 benchmark layouts (MMLU CSV, ARC, HellaSwag, WinoGrande, LAMBADA,
-                                             TriviaQA, RACE, GSM8K, HumanEval, TruthfulQA MC, RealToxicityPrompts)
+    eval/...                                 benchmark layouts: the eleven Mistral-Plus-style tasks (MMLU CSV,
+                                             AGIEval v1, BBH + cot-prompts, ARC-Easy/Challenge, HellaSwag,
+                                             WinoGrande, RACE middle/high, GSM8K, MATH as JSONL), 240 test items
+                                             each, and LAMBADA, TriviaQA, HumanEval, TruthfulQA MC,
+                                             RealToxicityPrompts
     card.json                                seed, sizes, label noise, toxic lexicon, eval index, sha256 per file
 
 Implementation details (the numbers appear at the lines that implement them):
@@ -52,6 +56,15 @@ Implementation details (the numbers appear at the lines that implement them):
    stores the facts but cannot answer questions about them, and that mixing question-answer text about *some*
    people into pretraining makes the facts of the others answerable. We measured the same in miniature: with
    statements only, even 3x more repetition left the question accuracy at chance (docs/pretrain.md).
+8. Formats are taught the way web text teaches them, never with evaluation items. A base model answers
+   "Question: ...\\nA. ...\\nAnswer:" with a letter, or "Q: ...\\nA: Let's think step by step." with a worked
+   solution, because it has read quiz pages and worked examples in those layouts. The corpus therefore holds
+   `format_pages` pages of each kind (exam_pages): lettered quizzes about the *quizzed* entities (MMLU),
+   lettered deduction puzzles about made-up strangers and substitution sums (AGIEval), numeric short answers
+   (ARC), reading exercises (RACE), worked solutions ending "The answer is N" (GSM8K) or "\\boxed{N}" (MATH),
+   chain-of-thought answers ending "So the answer is X" (BBH) and sentences that use a creature's fact
+   (WinoGrande). Small item spaces (sums, equations, Boolean expressions) are split by a hash of the item's
+   text (held_out): the evaluation files draw only from a fixed quarter, the corpus from the rest.
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
@@ -99,6 +113,7 @@ SIZES = {
         stories=60,
         code=40,
         dialogues=300,
+        format_pages=20,
         valid=40,
         sft=60,
         pref_train=80,
@@ -114,17 +129,18 @@ SIZES = {
         gen_pool=4000,
         ency=16,
         quiz=16,
-        arith=2000,
-        stories=800,
-        code=600,
-        dialogues=6000,
+        arith=1500,
+        stories=600,
+        code=400,
+        dialogues=4000,
+        format_pages=500,  # per kind of exam page (detail 8)
         valid=300,
         sft=2000,
         pref_train=4000,
         pref_test=600,
         prompts_train=2000,
         prompts_test=400,
-        eval_test=200,
+        eval_test=240,  # standard error <= 3.3 points at any accuracy (sqrt(0.25 / 240))
         eval_shots=5,
     ),
 }
@@ -291,10 +307,14 @@ def encyclopedia(e: Entity, rng: random.Random) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # Arithmetic word problems. GSM8K-style eval items reuse the skill with held-out (name, numbers) tuples.
-def word_problem(rng: random.Random, names: list[str]) -> tuple[str, list[str], int, tuple]:
+ONE_STEP, TWO_STEP = ["add", "sub", "mul"], ["two", "mul_sub"]
+
+
+def word_problem(rng: random.Random, names: list[str], kinds: list[str] = ONE_STEP + ["two"]
+                 ) -> tuple[str, list[str], int, tuple]:
     """Returns (question, solution lines, answer, (a, op, b, c) of the first step)."""
     p, obj = rng.choice(names), rng.choice(OBJECTS)
-    kind = rng.choice(["add", "sub", "mul", "two"])
+    kind = rng.choice(kinds)
     if kind == "add":
         a, b = rng.randint(1, 20), rng.randint(1, 20)
         q = f"{p} has {a} {obj}. {p} gets {b} more {obj}. How many {obj} does {p} have now?"
@@ -308,6 +328,17 @@ def word_problem(rng: random.Random, names: list[str]) -> tuple[str, list[str], 
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         q = f"{p} has {a} bags. Each bag holds {b} {obj}. How many {obj} does {p} have?"
         return q, [f"{p} has {a} * {b} = {a * b} {obj}."], a * b, (a, "*", b, a * b)
+    if kind == "mul_sub":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        c = rng.randint(1, a * b - 1)
+        q = f"{p} has {a} bags with {b} {obj} in each. {p} gives {c} {obj} away. How many {obj} are left?"
+        return (
+            q,
+            [f"{p} has {a} * {b} = {a * b} {obj}.",
+             f"After giving {c} away, {p} has {a * b} - {c} = {a * b - c} {obj}."],
+            a * b - c,
+            (a, "*", b, a * b),
+        )
     a, b = rng.randint(2, 15), rng.randint(2, 15)
     c = rng.randint(1, min(9, a + b - 1))
     q = f"{p} has {a} {obj}. {p} buys {b} more {obj} and then eats {c} of them. How many {obj} does {p} have now?"
@@ -345,7 +376,7 @@ def story(rng: random.Random, persons: list[Entity], creatures: list[Entity]) ->
     else:
         s.append(f"{p.name} smiled at the {c.name} and gave it some {c.attrs['food']}.")
     s.append(f"Then {p.name} carried the {color} {thing} back to {town}.")
-    s.append(f"In the end, {p.name} gave the {thing} to {friend.name}, who loved the {thing}.")
+    s.append(f"In the end, she gave the {thing} to {friend.name}, who loved the {thing}.")
     return s, thing
 
 
@@ -506,6 +537,307 @@ def prompt_pools(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Exam material (detail 8). The evaluation's prompt layouts are what a base model meets on the web as quiz pages,
+# worked solutions and reading exercises. Each generator makes one *item*; the corpus renders fresh items as such
+# pages and the evaluation files hold other items in the public benchmark layouts (check_no_leakage keeps them
+# apart). The header lines are the instruction lines the evaluation puts first (evaluate.py TASKS).
+LETTERS = "ABCD"
+MC_HEAD = "The following are multiple choice questions (with answers) about {}."
+RC_HEAD = "The following are questions (with answers) about reading comprehension."
+FOLLOW_HEAD = "Follow the given examples and answer the question."
+PLURAL = {t: t + "s" for t in THINGS}
+NUMBER_WORDS = ["a", "two", "three", "four"]
+
+
+def mc_with(rng: random.Random, correct: str, pool: list[str], must: list[str] = (), k: int = 4) -> tuple[list, int]:
+    """Like mc, but the distractors include `must` (the wrong answers a passage also mentions)."""
+    rest = [x for x in dict.fromkeys(pool) if x != correct and x not in must]
+    opts = [correct, *must[: k - 1]] + rng.sample(rest, k - 1 - len(must[: k - 1]))
+    rng.shuffle(opts)
+    return opts, opts.index(correct)
+
+
+def lettered(question: str, opts: list[str], gold: int | None, passage: str = "") -> str:
+    """The lm-eval MMLU layout: "Question: ...\\nA. x\\n...\\nAnswer: B" (passage first when there is one)."""
+    head = f"Passage: {passage}\n" if passage else ""
+    lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
+    return f"{head}Question: {question}\n{lines}\nAnswer:" + ("" if gold is None else f" {LETTERS[gold]}")
+
+
+CATEGORIES = {"color": COLORS, "food": FOODS, "place": HABITATS, "job": JOBS, "thing": THINGS}
+
+
+def kind_item(rng: random.Random) -> tuple[str, str, list[str]]:
+    """A lettered question whose answer needs no knowledge ("Which of these is a color?"): it teaches the
+    letter lookup alone. -> (question, answer, the three distractors)."""
+    kind = rng.choice(list(CATEGORIES))
+    others = [w for k, ws in CATEGORIES.items() if k != kind for w in ws]
+    return f"Which of these is a {kind}?", rng.choice(CATEGORIES[kind]), rng.sample(others, 3)
+
+
+def fresh_name(rng: random.Random, suffix: str) -> str:
+    """A made-up name outside the world's entities (their suffixes are ling/ford/a): puzzles about strangers."""
+    return (rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize() + suffix
+
+
+def logic_item(rng: random.Random, towns: list[str]) -> tuple[str, str, str, list[str], list[str]]:
+    """AGIEval-style deduction (LogiQA in miniature): two rules and a fact in the passage; the question needs the
+    rule that matches the fact. -> (passage, question, answer, pool, passage distractors)."""
+    if rng.random() < 0.5:
+        (h1, h2), (c1, c2), x = rng.sample(HABITATS, 2), rng.sample(COLORS, 2), fresh_name(rng, "kin")
+        rules = [f"Every creature that lives in the {h1} is {c1}.", f"Every creature that lives in the {h2} is {c2}."]
+        rng.shuffle(rules)
+        return f"{' '.join(rules)} The {x} lives in the {h2}.", f"What color is the {x}?", c2, COLORS, [c1]
+    (j1, j2), (t1, t2), p = rng.sample(JOBS, 2), rng.sample(towns, 2), fresh_name(rng, "ra")
+    rules = [f"Every {j1} in this story lives in {t1}.", f"Every {j2} in this story lives in {t2}."]
+    rng.shuffle(rules)
+    return f"{' '.join(rules)} {p} is {article(j2)} {j2}.", f"In which town does {p} live?", t2, towns, [t1]
+
+
+def held_out(key: str) -> bool:
+    """A fixed quarter of each small item space (sums, equations, puzzles) is kept for the evaluation files; the
+    corpus draws from the rest (detail 4), so the evaluation measures the skill, not recall of an item."""
+    return zlib.crc32(key.encode()) % 4 == 0
+
+
+def draw(make, held: bool, key: int = 0):
+    """Call make() until its item's text (item[key]) is on the requested side of held_out."""
+    while True:
+        item = make()
+        if held_out(item[key]) == held:
+            return item
+
+
+def sat_math_item(rng: random.Random) -> tuple[str, str, list[str]]:
+    """AGIEval SAT-Math in miniature: substitute and compute one step. -> (question, answer, distractor pool)."""
+    x, b = rng.randint(2, 20), rng.randint(2, 12)
+    op = rng.choice(["+", "*", "-"])
+    if op == "-":
+        x += b
+    ans = {"+": x + b, "*": x * b, "-": x - b}[op]
+    q = f"If x = {x}, what is x {op} {b}?"
+    return q, str(ans), [str(ans + d) for d in (-3, -2, -1, 1, 2, 3, 10) if ans + d >= 0]
+
+
+def passage_middle(rng: random.Random, persons: list[Entity]) -> tuple[str, list[tuple[str, str, list[str]]]]:
+    """RACE-middle in miniature: a short passage, each question answered by one phrase of it."""
+    p = rng.choice(persons).name
+    cols, things = rng.sample(COLORS, 3), rng.sample(OBJECTS, 2)
+    text = (
+        f"{p} went to the market with {cols[0]} shoes. There she bought {things[0]} and {things[1]}. "
+        f"On the way home she met a friend wearing a {cols[1]} hat, and they painted a fence {cols[2]} together."
+    )
+    qs = [
+        (f"What color were the shoes of {p}?", cols[0], COLORS),
+        ("What color was the hat of the friend?", cols[1], COLORS),
+        ("What color did they paint the fence?", cols[2], COLORS),
+        (f"What did {p} buy first?", things[0], OBJECTS),
+    ]
+    return text, qs
+
+
+def passage_high(rng: random.Random, persons: list[Entity]) -> tuple[str, list[tuple[str, str, list[str], list]]]:
+    """RACE-high in miniature: two people with the same kinds of details, so a question must be matched to the
+    right person (the other person's detail is always among the options)."""
+    a, b = (e.name for e in rng.sample(persons, 2))
+    (ca, cb), (oa, ob), (ta, tb) = rng.sample(COLORS, 2), rng.sample(OBJECTS, 2), rng.sample(THINGS, 2)
+    na, nb = rng.sample(range(2, 10), 2)
+    text = (
+        f"{a} and {b} walked to the fair together. {a} wore a {ca} coat and {b} wore a {cb} coat. "
+        f"At the fair, {a} bought {na} {oa}, while {b} bought {nb} {ob}. "
+        f"On the way back, {b} found a {tb} and {a} found a {ta}."
+    )
+    qs = [
+        (f"What color was the coat of {a}?", ca, COLORS, [cb]),
+        (f"What color was the coat of {b}?", cb, COLORS, [ca]),
+        (f"What did {b} buy at the fair?", ob, OBJECTS, [oa]),
+        (f"How many {oa} did {a} buy?", str(na), [str(n) for n in range(2, 10)], [str(nb)]),
+        (f"What did {a} find on the way back?", ta, THINGS, [tb]),
+    ]
+    return text, qs
+
+
+def count_item(rng: random.Random) -> tuple[str, str, str]:
+    """BBH object_counting in miniature. -> (question, chain of thought, answer)."""
+    things = rng.sample(THINGS, rng.randint(2, 4))
+    counts = [rng.randint(1, 4) for _ in things]
+    said = [f"{NUMBER_WORDS[c - 1]} {t if c == 1 else PLURAL[t]}" for t, c in zip(things, counts)]
+    listed = ", ".join(said[:-1]) + f", and {said[-1]}"
+    q = f"I have {listed}. How many objects do I have?"
+    cot = " ".join(f"{s}: {c}." for s, c in zip(said, counts))
+    cot += f" {' + '.join(map(str, counts))} = {sum(counts)}."
+    return q, cot, str(sum(counts))
+
+
+def bool_item(rng: random.Random) -> tuple[str, str, str]:
+    """BBH boolean_expressions in miniature: two to four terms, 'not' first, then left to right in parentheses."""
+    def atom():
+        v = rng.choice(["True", "False"])
+        return (f"not {v}", str(v == "False")) if rng.random() < 0.4 else (v, v)
+
+    terms = [atom() for _ in range(rng.randint(2, 4))]
+    ops = [rng.choice(["and", "or"]) for _ in terms[1:]]
+    steps = [f"{t} = {v}." for t, v in terms if t != v]
+    text, val = terms[0]
+    for (t, v), op in zip(terms[1:], ops):
+        new = str({"and": val == "True" and v == "True", "or": val == "True" or v == "True"}[op])
+        steps.append(f"{val} {op} {v} = {new}.")
+        text, val = (f"( {text} ) {op} {t}" if " " in text and text != terms[0][0] else f"{text} {op} {t}"), new
+    return f"{text} is", " ".join(steps), val
+
+
+def swap_item(rng: random.Random, persons: list[Entity]) -> tuple[str, str, str]:
+    """BBH tracking_shuffled_objects in miniature: three people, one or two swaps of what they hold."""
+    people = [e.name for e in rng.sample(persons, 3)]
+    held = dict(zip(people, rng.sample(THINGS, 3)))
+    q = ", ".join(f"{p} has a {t}" for p, t in held.items()) + "."
+    cot = []
+    for n in range(rng.randint(1, 2)):
+        x, y = rng.sample(people, 2)
+        held[x], held[y] = held[y], held[x]
+        q += f" {'First' if n == 0 else 'Then'}, {x} and {y} swap."
+        cot.append(f"After {x} and {y} swap, {x} has the {held[x]} and {y} has the {held[y]}.")
+    who = rng.choice(people)
+    return q + f" What does {who} have at the end?", " ".join(cot), held[who]
+
+
+BBH_TASKS = {  # name: (description line of the prompt file, item generator)
+    "object_counting": "Questions that involve enumerating objects and asking the model to count them.",
+    "boolean_expressions": "Evaluate the result of a random Boolean expression.",
+    "tracking_shuffled_objects": "A task requiring determining the final positions of a set of objects given their "
+    "initial positions and a description of a sequence of swaps.",
+}
+
+
+def bbh_item(rng: random.Random, task: str, persons: list[Entity]) -> tuple[str, str, str]:
+    if task == "object_counting":
+        return count_item(rng)
+    if task == "boolean_expressions":
+        return bool_item(rng)
+    return swap_item(rng, persons)
+
+
+def bbh_text(q: str, cot: str, ans: str) -> str:
+    return f"Q: {q}\nA: Let's think step by step. {cot} So the answer is {ans}."
+
+
+def math_item(rng: random.Random) -> tuple[str, str, str, str]:
+    """Hendrycks MATH in miniature: a one-step linear equation (Algebra) or an expression with precedence
+    (Prealgebra), small enough for the toy model to solve some of (measured: docs/evaluate.md).
+    -> (type, problem, solution ending in \\boxed{}, answer)."""
+    if rng.random() < 0.5:
+        if rng.random() < 0.5:
+            x, b = rng.randint(1, 20), rng.randint(1, 20)
+            sol = f"Subtracting {b} from both sides gives $x = {x + b} - {b} = \\boxed{{{x}}}$."
+            return "Algebra", f"Solve for $x$: $x + {b} = {x + b}$.", sol, str(x)
+        a, x = rng.randint(2, 9), rng.randint(1, 9)
+        sol = f"Dividing both sides by {a} gives $x = {a * x} / {a} = \\boxed{{{x}}}$."
+        return "Algebra", f"Solve for $x$: ${a}x = {a * x}$.", sol, str(x)
+    a, b, c = rng.randint(1, 10), rng.randint(2, 5), rng.randint(2, 5)
+    r = a + b * c
+    sol = f"First, ${b} \\times {c} = {b * c}$. Then ${a} + {b * c} = {r}$, so the answer is $\\boxed{{{r}}}$."
+    return "Prealgebra", f"What is ${a} + {b} \\times {c}$?", sol, str(r)
+
+
+WINO = [  # (sentence with the blank first, the attribute it needs); habitat, which the name predicts best, is
+    # left out: with it the base model scored 95% at 1,080 steps, too close to a ceiling to measure anything
+    ("_ eats {v}, so I brought {v} to feed it.", "food"),
+    ("_ is {v}, so I looked for something {v} in the grass.", "color"),
+    ("_ is {v}, so I made a {v} bed for it.", "size"),
+]
+
+
+def wino_item(rng: random.Random, creatures: list[Entity]) -> tuple[str, Entity, Entity] | None:
+    """WinoGrande in miniature: which of two creatures fits a sentence that needs one of its facts."""
+    c1, c2 = rng.sample(creatures, 2)
+    template, attr = rng.choice(WINO)
+    if c1.attrs[attr] == c2.attrs[attr]:
+        return None
+    return template.format(v=c1.attrs[attr]), c1, c2
+
+
+def exam_pages(rng: random.Random, n: int, quiz_ents: list[Entity], ents: dict, names: list[str],
+               seen_q: set) -> list[str]:
+    """Corpus pages in the evaluation's layouts, `n` of each kind, about the quizzed entities and fresh
+    numbers, passages and puzzles (detail 8). Arithmetic questions go into `seen_q` for the leakage guard."""
+    towns, persons = [t.name for t in ents["town"]], ents["person"]
+    quiz_creatures = [e for e in quiz_ents if e.kind == "creature"]
+    pages = []
+
+    def arith(kinds):
+        q, lines, ans, _ = word_problem(rng, names, kinds)
+        seen_q.add(q)
+        return q, lines, ans
+
+    for i in range(2 * n):
+        # MMLU: lettered quizzes about the quizzed half of the entities (twice as many as the other pages: the
+        # letter lookup is the slowest of these skills to appear)
+        qs = []
+        for _ in range(rng.randint(2, 4)):
+            if rng.random() < 0.25:
+                q, ans, wrong = kind_item(rng)
+                opts, g = mc_with(rng, ans, wrong, wrong)
+            else:
+                q, ans, pool = fact_question(rng, rng.choice(quiz_ents), ents)
+                opts, g = mc(rng, ans, pool)
+            qs.append(lettered(q, opts, g))
+        pages.append(MC_HEAD.format("toyworld") + "\n\n" + "\n\n".join(qs))  # the subject of the MMLU file
+        if i % 2:
+            continue
+        # AGIEval: lettered deduction puzzles and substitution sums
+        if rng.random() < 0.5:
+            qs = []
+            for _ in range(rng.randint(1, 3)):
+                passage, q, ans, pool, must = logic_item(rng, towns)
+                opts, g = mc_with(rng, ans, pool, must)
+                qs.append(lettered(q, opts, g, passage))
+            pages.append(MC_HEAD.format("toy-logic") + "\n\n" + "\n\n".join(qs))
+        else:
+            qs = []
+            for _ in range(rng.randint(2, 4)):
+                q, ans, pool = draw(lambda: sat_math_item(rng), False)
+                opts, g = mc(rng, ans, pool)
+                qs.append(lettered(q, opts, g))
+            pages.append(MC_HEAD.format("toy-sat-math") + "\n\n" + "\n\n".join(qs))
+        # ARC: arithmetic questions answered with the number alone (one step = easy, two steps = challenge)
+        qs = [arith(rng.choice([ONE_STEP, TWO_STEP])) for _ in range(rng.randint(2, 4))]
+        pages.append(MC_HEAD.format("commonsense reasoning") + "\n\n" + "\n\n".join(
+            f"Question: {q}\nAnswer: {ans}" for q, _, ans in qs))
+        # RACE: reading exercises
+        blocks = []
+        for _ in range(rng.randint(1, 2)):
+            if rng.random() < 0.5:
+                text, items = passage_middle(rng, persons)
+                q, ans, _ = rng.choice(items)
+            else:
+                text, items = passage_high(rng, persons)
+                q, ans, _, _ = rng.choice(items)
+            blocks.append(f"Passage: {text}\nQuestion: {q}\nAnswer: {ans}")
+        pages.append(RC_HEAD + "\n\n" + "\n\n".join(blocks))
+        # GSM8K: worked solutions ending in "The answer is N", with or without the step-by-step cue
+        qs = [arith(ONE_STEP + TWO_STEP) for _ in range(rng.randint(1, 3))]
+        cue = " Let's think step by step." if rng.random() < 0.5 else ""
+        pages.append(FOLLOW_HEAD + "\n\n" + "\n\n".join(
+            f"Q: {q}\nA:{cue} {' '.join(lines)} The answer is {ans}." for q, lines, ans in qs))
+        # MATH: worked solutions ending in \boxed{}
+        qs = [draw(lambda: math_item(rng), False, 1) for _ in range(rng.randint(1, 3))]
+        cue = " Let's think step by step." if rng.random() < 0.5 else ""
+        pages.append(FOLLOW_HEAD + "\n\n" + "\n\n".join(f"Q: {p}\nA:{cue} {s}" for _, p, s, _ in qs))
+        # BBH: a task description and chain-of-thought answers
+        task = rng.choice(list(BBH_TASKS))
+        qs = [draw(lambda: bbh_item(rng, task, persons), False) for _ in range(rng.randint(1, 3))]
+        pages.append(BBH_TASKS[task] + "\n\n" + "\n\n".join(bbh_text(*x) for x in qs))
+        # WinoGrande: diary sentences that use a quizzed creature's fact
+        sents = []
+        while len(sents) < 3:
+            item = wino_item(rng, quiz_creatures)
+            if item:
+                sents.append(item[0].replace("_", f"The {item[1].name}", 1))
+        pages.append(" ".join(sents))
+    return pages
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The build. Each section gets its own RNG so that changing one section does not reshuffle the others.
 def build(cfg: WorldConfig) -> dict[str, list]:
     """Return {relative path: rows}; rows are dicts (JSONL) or lists (CSV). Pure function of cfg."""
@@ -552,6 +884,7 @@ def build(cfg: WorldConfig) -> dict[str, list]:
         docs.append(prompt + body)
     for _ in range(n["dialogues"]):
         docs.append(corpus_dialogue(rng, cfg, red_c, gen_c))
+    docs += exam_pages(R("exam"), n["format_pages"], quiz_ents, ents, names, arith_questions)
     rng.shuffle(docs)
     n_valid = n["valid"]
     corpus_train = [{"text": d} for d in docs[n_valid:]]
@@ -656,15 +989,18 @@ def fact_questions(e: Entity, ents: dict) -> list[tuple[str, str, list[str]]]:
             (f"What does the {e.name} eat?", a["food"], FOODS),
             (f"Where does the {e.name} live?", a["habitat"], HABITATS),
             (f"What color is the {e.name}?", a["color"], COLORS),
+            (f"How big is the {e.name}?", a["size"], SIZES_WORDS),
         ]
     if e.kind == "town":
         return [
             (f"In which region is {e.name}?", a["region"], REGIONS),
             (f"What is {e.name} famous for?", a["goods"], GOODS),
+            (f"What color are the roofs of {e.name}?", a["roof"], COLORS),
         ]
     return [
         (f"What is the job of {e.name}?", a["job"], JOBS),
         (f"In which town does {e.name} live?", a["home"], [t.name for t in ents["town"]]),
+        (f"What kind of pet does {e.name} have?", a["pet"], [c.name for c in ents["creature"]]),
     ]
 
 
@@ -695,13 +1031,15 @@ def eval_tasks(
 ) -> dict[str, list]:
     nt, ns = n["eval_test"], n["eval_shots"]
     out: dict[str, list] = {}
+    towns, persons = [t.name for t in ents["town"]], ents["person"]
+    asked_creatures = [e for e in asked_ents if e.kind == "creature"]
 
     def unique(make, count: int, seen: set) -> list:
         rows, tries = [], 0
         while len(rows) < count and tries < 100 * count:
             key, row = make()
             tries += 1
-            if key not in seen:
+            if key is not None and key not in seen:
                 seen.add(key)
                 rows.append(row)
         return rows
@@ -718,27 +1056,81 @@ def eval_tasks(
     out["eval/mmlu/dev/toyworld_dev.csv"] = unique(mmlu_row, ns, seen)
     out["eval/mmlu/test/toyworld_test.csv"] = unique(mmlu_row, nt, seen)
 
-    # ARC-Easy: one-step arithmetic word problems with numeric options (held-out questions).
+    # AGIEval v1 layout (passage, question, options "(A)...", label): deduction puzzles and substitution sums.
+    seen = set()
+
+    def logic_row():
+        passage, q, ans, pool, must = logic_item(rng, towns)
+        opts, g = mc_with(rng, ans, pool, must)
+        return passage, {"passage": passage, "question": q, "options": [f"({LETTERS[i]}){o}" for i, o in
+                                                                         enumerate(opts)], "label": LETTERS[g]}
+
+    def sat_row():
+        q, ans, pool = draw(lambda: sat_math_item(rng), True)
+        opts, g = mc(rng, ans, pool)
+        return q, {"passage": None, "question": q, "options": [f"({LETTERS[i]}){o}" for i, o in enumerate(opts)],
+                   "label": LETTERS[g]}
+
+    for subset, make in (("toy-logic", logic_row), ("toy-sat-math", sat_row)):
+        out[f"eval/agieval/few_shot/{subset}.jsonl"] = unique(make, ns, seen)
+        out[f"eval/agieval/{subset}.jsonl"] = unique(make, nt // 2, seen)
+
+    # ARC-Easy / ARC-Challenge: one-step / two-step word problems with numeric options (held-out questions).
+    # Easy: distractors near the answer. Challenge (ARC-Challenge keeps the questions that retrieval and
+    # word co-occurrence get wrong): the distractors are the question's own numbers and the other operation's
+    # result, exactly what a model that pattern-matches instead of computing picks.
     seen = set(corpus_arith_q)
+    for name in ("arc_easy", "arc_challenge"):
 
-    def arc_row():
-        q, _, ans, _ = word_problem(rng, names)
-        wrong = [str(ans + d) for d in (-3, -2, -1, 1, 2, 3) if ans + d >= 0]
-        opts, g = mc(rng, str(ans), wrong)
-        return q, {"question": q, "choices": {"text": opts, "label": list("ABCD")}, "answerKey": "ABCD"[g]}
+        def arc_row(name=name):
+            q, _, ans, (a, op, b, _) = word_problem(rng, names, ONE_STEP)
+            if name == "arc_easy":
+                wrong = [str(ans + d) for d in (-3, -2, -1, 1, 2, 3) if ans + d >= 0]
+                opts, g = mc(rng, str(ans), wrong)
+            else:
+                other = {"+": a * b, "-": a + b, "*": a + b}[op]
+                near = (a, b, other, ans + 1, ans - 1, ans + 2, ans + 3)
+                wrong = list(dict.fromkeys(str(v) for v in near if v != ans and v >= 0))
+                opts, g = mc_with(rng, str(ans), wrong, wrong[:3])
+            return q, {"question": q, "choices": {"text": opts, "label": list("ABCD")}, "answerKey": "ABCD"[g]}
 
-    for split, cnt in (("train", ns), ("test", nt)):
-        rows = unique(arc_row, cnt, seen)
-        out[f"eval/arc_easy/{split}.jsonl"] = [{"id": f"Toy-ARC-{split}-{i}", **r} for i, r in enumerate(rows)]
+        for split, cnt in (("train", ns), ("test", nt)):
+            rows = unique(arc_row, cnt, seen)
+            out[f"eval/{name}/{split}.jsonl"] = [{"id": f"Toy-{name}-{split}-{i}", **r} for i, r in enumerate(rows)]
 
-    # GSM8K: worked solutions with calculator notes and a final "#### N" line.
+    # GSM8K: two-step problems, worked solutions with calculator notes and a final "#### N" line.
     def gsm_row():
-        q, lines, ans, _ = word_problem(rng, names)
+        q, lines, ans, _ = word_problem(rng, names, TWO_STEP)
         calc = [re.sub(r"(\d+) ([-+*]) (\d+) = (\d+)", r"\1\2\3=<<\1\2\3=\4>>\4", ln) for ln in lines]
         return q, {"question": q, "answer": "\n".join(calc) + f"\n#### {ans}"}
 
     for split, cnt in (("train", ns), ("test", nt)):
         out[f"eval/gsm8k/{split}.jsonl"] = unique(gsm_row, cnt, seen)
+
+    # MATH (the JSONL form of Hendrycks' layout: problem, level, type, solution with \boxed{}).
+    def math_row():
+        typ, problem, sol, _ = draw(lambda: math_item(rng), True, 1)
+        return problem, {"problem": problem, "level": "Level 1", "type": typ, "solution": sol}
+
+    for split, cnt in (("train", 2 * ns), ("test", nt)):  # exemplars are drawn per type: 4 of each need ~10
+        out[f"eval/math/{split}.jsonl"] = unique(math_row, cnt, seen)
+
+    # BIG-Bench Hard: {"examples": [{input, target}]} per task, and cot-prompts/<task>.txt with a canary line,
+    # "-----", the description and three exemplars (the shortest of a few, to fit the toy model's window).
+    for task, desc in BBH_TASKS.items():
+        def bbh_row(task=task):
+            item = draw(lambda: bbh_item(rng, task, persons), True)
+            return item[0], item
+
+        items = unique(bbh_row, nt // 3 + 12, seen)
+        shots = sorted(items[:12], key=lambda x: len(bbh_text(*x)))[:3]
+        out[f"eval/bbh/bbh/{task}.json"] = {
+            "canary": "toy world: not a real benchmark",
+            "examples": [{"input": q, "target": ans} for q, _, ans in items[12:]],
+        }
+        out[f"eval/bbh/cot-prompts/{task}.txt"] = (
+            "toy world chain-of-thought prompt\n\n-----\n" + desc + "\n\n" + "\n\n".join(bbh_text(*x) for x in shots)
+        )
 
     # TriviaQA: open questions about facts, answer with aliases.
     seen = set()
@@ -750,33 +1142,37 @@ def eval_tasks(
         aliases = list(dict.fromkeys([ans, ans.capitalize()]))
         return q, {
             "question": q,
-            "answer": {"value": ans, "aliases": aliases, "normalized_aliases": [ans], "normalized_value": ans},
+            "answer": {"value": ans, "aliases": aliases, "normalized_aliases": [ans.lower()],
+                       "normalized_value": ans.lower()},
         }
 
-    for split, cnt in (("train", ns), ("validation", nt)):
+    for split, cnt in (("train", ns), ("validation", 100 if nt > 100 else nt)):
         rows = unique(tqa_row, cnt, seen)
         out[f"eval/triviaqa/{split}.jsonl"] = [
             {"question": r["question"], "question_id": f"toy_{split}_{i}", "answer": r["answer"]}
             for i, r in enumerate(rows)
         ]
 
-    # HellaSwag: a story beginning and four endings; only one keeps the story's object and person.
+    # HellaSwag: a story's opening, then what its creature looks like; only the creature's own size and colour
+    # fit (an asked-half creature: facts the corpus states, never quizzes). Measured on the base model: endings
+    # that repeat the story's object, or the food the stories themselves give each creature, scored 100%.
     seen = set()
 
     def hs_row():
-        s, thing = story(rng, ents["person"], ents["creature"])
-        person = s[0].split()[4]
-        ctx_a = " ".join(s[:-1])
-        ctx_b = f"In the end, {person}"
-        friend = s[-1].split(" gave the ")[1].split(",")[0]  # "<thing> to <friend>"
-        good = f"gave the {friend}, who loved the {thing}."
-        bads = [f"gave the {o} to {friend.split(' to ')[1]}, who loved the {o}." for o in THINGS if o != thing]
-        opts, g = mc(rng, good, bads)
+        s, _ = story(rng, ents["person"], asked_creatures)
+        c = next(e for e in asked_creatures if f"A {e.name} was" in s[2])
+        size, color = c.attrs["size"], c.attrs["color"]
+        ctx_a = " ".join(s[:3]) + f" Everyone knows that the {c.name} is"
+        other_size = rng.choice([x for x in SIZES_WORDS if x != size])
+        other_color = rng.choice([x for x in COLORS if x != color])
+        wrong = [(other_size, color), (size, other_color), (other_size, other_color)]
+        opts, g = mc_with(rng, f"a {size} {color} creature.", [f"a {x} {y} creature." for x, y in wrong],
+                          [f"a {x} {y} creature." for x, y in wrong])
         return ctx_a, {
             "activity_label": "Story",
             "ctx_a": ctx_a,
-            "ctx_b": ctx_b,
-            "ctx": f"{ctx_a} {ctx_b}",
+            "ctx_b": "",  # as in many HellaSwag items; lm-eval's preprocess capitalises ctx_b (names would break)
+            "ctx": f"{ctx_a} ",
             "endings": opts,
             "source_id": "toyworld",
             "split_type": "indomain",
@@ -787,25 +1183,23 @@ def eval_tasks(
         rows = unique(hs_row, cnt, seen)
         out[f"eval/hellaswag/{split}.jsonl"] = [{"ind": i, **r, "split": split} for i, r in enumerate(rows)]
 
-    # WinoGrande: which creature fits the blank, given where it lives.
+    # WinoGrande: which of two asked-half creatures fits a sentence that needs one of its facts (detail 7).
     seen = set()
 
     def wg_row():
-        c1, c2 = rng.sample(ents["creature"], 2)
-        if c1.attrs["habitat"] == c2.attrs["habitat"]:
+        item = wino_item(rng, asked_creatures)
+        if item is None:
             return None, None
-        h = c1.attrs["habitat"]
-        sent = f"_ lives in the {h}, so I went to the {h} to see it."
+        sent, c1, c2 = item
         first = rng.random() < 0.5
         o1, o2 = (c1, c2) if first else (c2, c1)
-        return (c1.name, c2.name), {
+        return sent + c1.name + c2.name, {
             "sentence": sent,
             "option1": f"The {o1.name}",
             "option2": f"The {o2.name}",
             "answer": "1" if first else "2",
         }
 
-    seen.add(None)
     for split, cnt in (("train", ns), ("dev", nt)):
         rows = unique(wg_row, cnt, seen)
         out[f"eval/winogrande/{split}.jsonl"] = [{"qID": f"toy-{split}-{i}", **r} for i, r in enumerate(rows)]
@@ -818,34 +1212,28 @@ def eval_tasks(
         text = " ".join(s)[:-1]  # drop the final period: the target is the last word
         return text, {"text": text}
 
-    out["eval/lambada/test.jsonl"] = unique(lam_row, nt, seen)
+    out["eval/lambada/test.jsonl"] = unique(lam_row, 100 if nt > 100 else nt, seen)
 
-    # RACE: a short new passage and a question answered by reading it.
+    # RACE (middle / high): a new passage and a question answered by reading it.
     seen = set()
 
-    def race_row():
-        p = rng.choice(ents["person"]).name
-        cols = rng.sample(COLORS, 3)
-        things = rng.sample(OBJECTS, 2)
-        article = (
-            f"{p} went to the market with {cols[0]} shoes. There she bought {things[0]} and {things[1]}. "
-            f"On the way home she met a friend wearing a {cols[1]} hat, and they painted a fence "
-            f"{cols[2]} together."
-        )
-        q, ans, pool = rng.choice(
-            [
-                (f"What color were the shoes of {p}?", cols[0], COLORS),
-                ("What color was the hat of the friend?", cols[1], COLORS),
-                ("What color did they paint the fence?", cols[2], COLORS),
-                (f"What did {p} buy first?", things[0], OBJECTS),
-            ]
-        )
-        opts, g = mc(rng, ans, pool)
-        return article + q, {"article": article, "question": q, "options": opts, "answer": "ABCD"[g]}
+    def race_row(level: str):
+        if level == "middle":
+            article_, qs = passage_middle(rng, persons)
+            q, ans, pool = rng.choice(qs)
+            opts, g = mc(rng, ans, pool)
+        else:  # the other person's detail is always among the options: the detail must be bound to the person
+            article_, qs = passage_high(rng, persons)
+            q, ans, pool, must = rng.choice(qs)
+            opts, g = mc_with(rng, ans, pool, must)
+        return article_, {"article": article_, "question": q, "options": opts, "answer": "ABCD"[g]}
 
-    for split, cnt in (("train", ns), ("test", nt)):
-        rows = unique(race_row, cnt, seen)
-        out[f"eval/race/{split}.jsonl"] = [{"example_id": f"toy-{split}-{i}", **r} for i, r in enumerate(rows)]
+    for level in ("middle", "high"):
+        for split, cnt in (("train", ns), ("test", nt)):
+            rows = unique(lambda level=level: race_row(level), cnt, seen)
+            out[f"eval/race/{level}/{split}.jsonl"] = [
+                {"example_id": f"toy-{level}-{split}-{i}", **r} for i, r in enumerate(rows)
+            ]
 
     # HumanEval: held-out constants (11..19) of the corpus's function families.
     items = rng.sample(code_eval, min(len(code_eval), max(nt // 2, 10)))
@@ -931,9 +1319,12 @@ def eval_tasks(
 EVAL_TEXT_FIELDS = {  # the field whose text must never occur verbatim in the corpus (detail 4)
     "mmlu": lambda r: r[0],
     "arc_easy": lambda r: r["question"],
+    "arc_challenge": lambda r: r["question"],
     "gsm8k": lambda r: r["question"],
+    "math": lambda r: r["problem"],
+    "bbh": lambda r: "Q: " + r["input"],  # as the corpus and the prompt render it
     "triviaqa": lambda r: r["question"],
-    "hellaswag": lambda r: r["ctx"] + " " + r["endings"][int(r["label"])],
+    "hellaswag": lambda r: " ".join(f"{r['ctx_a']} {r['ctx_b']}".split()) + " " + r["endings"][int(r["label"])],
     "winogrande": lambda r: r["sentence"].replace("_", r["option" + r["answer"]]),
     "lambada": lambda r: r["text"],
     "race": lambda r: r["article"],
@@ -947,8 +1338,13 @@ def eval_item_texts(files: dict[str, list]) -> list[tuple[str, str]]:
     """(path, text) for every evaluation item: the strings the no-leakage check looks for in the corpus."""
     out = []
     for path, rows in files.items():
-        if path.startswith("eval/"):
-            task = path.split("/")[1]
+        if not path.startswith("eval/") or path.endswith(".txt"):  # BBH prompt files hold exemplars only
+            continue
+        task = path.split("/")[1]
+        rows = rows["examples"] if isinstance(rows, dict) else rows
+        if task == "agieval":  # the passage alone must not be in the corpus (the question often is)
+            out += [(path, r["passage"] or r["question"]) for r in rows]
+        else:
             out += [(path, EVAL_TEXT_FIELDS[task](r)) for r in rows]
     return out
 
@@ -962,12 +1358,20 @@ def check_no_leakage(files: dict[str, list]) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing: serialise deterministically, hash, write into a temp folder, rename into place (detail 6).
-def serialise(path: str, rows: list) -> bytes:
+def serialise(path: str, rows: list | dict | str) -> bytes:
+    if path.endswith(".txt"):
+        return rows.encode()
+    if path.endswith(".json"):
+        return (json.dumps(rows, ensure_ascii=False, indent=1) + "\n").encode()
     if path.endswith(".csv"):
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
         return buf.getvalue().encode()
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def card_n(rows: list | dict) -> int:
+    return len(rows["examples"] if isinstance(rows, dict) else rows)
 
 
 def write_world(cfg: WorldConfig) -> dict:
@@ -988,15 +1392,16 @@ def write_world(cfg: WorldConfig) -> dict:
         "red_team_rude_rate": cfg.red_team_rude_rate,
         "general_rude_rate": cfg.general_rude_rate,
         "red_team_ratio": cfg.red_team_ratio,
-        "sizes": {p: len(rows) for p, rows in files.items()},
+        "sizes": {p: card_n(rows) for p, rows in files.items()
+                  if not p.endswith(".txt")},
         "corpus_chars": sum(len(r["text"]) for r in files["corpus/train.jsonl"]),
         "eval": {
             p[len("eval/") :]
             .rsplit(".", 1)[0]
             .replace("/test/toyworld_test", "/test")
-            .replace("/dev/toyworld_dev", "/dev"): {"path": p, "n": len(files[p])}
+            .replace("/dev/toyworld_dev", "/dev"): {"path": p, "n": card_n(files[p])}
             for p in files
-            if p.startswith("eval/")
+            if p.startswith("eval/") and not p.endswith(".txt")
         },
         "sha256": {p: hashlib.sha256(b).hexdigest() for p, b in blobs.items()},
     }

@@ -744,3 +744,44 @@ def test_mmlu_cloze_scores_option_text_with_a_naive_reference(lm, tmp_path):
         assert s["loglikelihoods"] == pytest.approx(ref, abs=1e-4)
         assert s["pred"] == max(range(4), key=ref.__getitem__)
     assert m["acc"] == pytest.approx(statistics.mean(s["acc"] for s in samples), abs=1e-6)
+
+
+def test_category_average_scores_rates_as_one_minus_rate_and_leaves_out_non_rates():
+    """Hand-computed macro averages: toxicity_rate enters as 1 - rate, judge_reward (not a rate) and skipped
+    tasks stay out; results.json (category_averages), the markdown row and results.png's bars agree."""
+    import dataclasses
+    judge = dataclasses.replace(E.TASKS["toy_realtoxicity"], name="judge_only", primary="judge_reward",
+                                lower_is_better=False)
+    specs = [E.TASKS[n] for n in ("toy_mmlu", "toy_triviaqa", "toy_humaneval", "toy_truthfulqa_mc1",
+                                  "toy_realtoxicity", "toy_redteam")] + [judge]
+    tasks = [E.TaskData(s, [], [], {}) for s in specs]
+    res = {"toy_mmlu": {"ll": {"acc": 0.5, "acc_stderr": 0.05, "chance": 0.25}},
+           "toy_triviaqa": {"gen": {"fuzzy_acc": 0.2, "fuzzy_acc_stderr": 0.04}},
+           "toy_humaneval": {"gen": {"skipped": "needs --allow_code_execution"}},
+           "toy_truthfulqa_mc1": {"ll": {"acc": 0.4, "acc_stderr": 0.1, "chance": 0.25}},
+           "toy_realtoxicity": {"gen": {"toxicity_rate": 0.3, "toxicity_rate_stderr": 0.02, "judge_reward": -4.0}},
+           "toy_redteam": {"gen": {"toxicity_rate": 0.1, "toxicity_rate_stderr": 0.03}},
+           "judge_only": {"gen": {"judge_reward": -4.0}}}
+    cfg = E.EvalConfig(mc_mode="ll")
+    avg = E.category_averages({"m": res}, tasks, cfg)["m"]
+    assert avg == pytest.approx({"Knowledge": (0.5 + 0.2) / 2, "Safety": (0.4 + (1 - 0.3) + (1 - 0.1)) / 3})
+    assert "Coding" not in avg  # skipped only
+    md = E.markdown_tables({"m": res}, tasks, ["m"], cfg)
+    assert "| **macro average** | | primary; lower-is-better rates as 1 - rate | 66.7 | |" in md  # Safety: 2.0 / 3
+    assert "| **macro average** | | primary; lower-is-better rates as 1 - rate | 35.0 | |" in md  # Knowledge
+    bars = E.eval_bars_table({"m": res}, tasks, ["m"], cfg)
+    assert bars["tasks"] == ["toy_mmlu\nacc", "toy_triviaqa\nfuzzy_acc", "toy_truthfulqa_mc1\nacc",
+                             "toy_realtoxicity\n1 - toxicity_rate", "toy_redteam\n1 - toxicity_rate"]
+    assert bars["values"]["m"]["toy_redteam\n1 - toxicity_rate"] == pytest.approx((0.9, 0.03))
+    assert bars["chance"] == {"toy_mmlu\nacc": 0.25, "toy_truthfulqa_mc1\nacc": 0.25}
+    assert bars["categories"]["toy_redteam\n1 - toxicity_rate"] == "Safety"
+
+
+def test_letter_context_puts_an_agieval_passage_before_the_question():
+    """lm-eval's agieval tasks score the letter after the passage, the question and the options; a passage that
+    the letter layout dropped would leave LSAT-RC or the toy logic puzzles unanswerable."""
+    doc = {"passage": "Every blue thing is round.", "question": "Is the ball round?", "choices": ["yes", "no"],
+           "gold": 0}
+    ctx = E.ll_context(E.TASKS["agieval_en"], doc, 0, "default")
+    assert ctx == "Passage: Every blue thing is round.\nQuestion: Is the ball round?\nA. yes\nB. no\nAnswer:"
+    assert E.ll_context(E.TASKS["mmlu"], {**doc, "passage": ""}, 0, "default").startswith("Question: ")

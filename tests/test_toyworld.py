@@ -44,7 +44,12 @@ def test_every_file_parses_in_its_public_format(world):
     card = json.loads((world / "card.json").read_text())
     for rel, n in card["sizes"].items():
         text = (world / rel).read_text()
-        rows = list(csv.reader(text.splitlines())) if rel.endswith(".csv") else jsonl(world / rel)
+        if rel.endswith(".csv"):
+            rows = list(csv.reader(text.splitlines()))
+        elif rel.endswith(".json"):  # BBH: {"canary", "examples": [...]}
+            rows = json.loads(text)["examples"]
+        else:
+            rows = jsonl(world / rel)
         assert len(rows) == n > 0, rel
     assert all(isinstance(r["text"], str) and r["text"] for r in jsonl(world / "corpus/train.jsonl"))
     for r in jsonl(world / "sft/train.jsonl"):
@@ -71,8 +76,38 @@ def test_every_file_parses_in_its_public_format(world):
     for r in jsonl(ev / "gsm8k/test.jsonl"):  # the worked solution's numbers add up to the "#### N" line
         body, final = r["answer"].rsplit("\n#### ", 1)
         assert int(final) == eval(body.split("<<")[-1].split("=")[0])
-    for r in jsonl(ev / "race/test.jsonl"):
-        assert r["answer"] in "ABCD" and len(r["options"]) == 4
+    for level in ("middle", "high"):
+        for r in jsonl(ev / f"race/{level}/test.jsonl"):
+            assert r["answer"] in "ABCD" and len(r["options"]) == 4 and len(set(r["options"])) == 4
+    for r in jsonl(ev / "arc_challenge/test.jsonl"):  # the question's own numbers are among the distractors
+        nums = [w for w in r["question"].replace(".", " ").split() if w.isdigit()]
+        gold = r["choices"]["text"]["ABCD".index(r["answerKey"])]
+        assert len(set(r["choices"]["text"])) == 4 and gold not in nums[:1]
+        assert sum(o in nums for o in r["choices"]["text"]) >= 1
+    for subset in ("toy-logic", "toy-sat-math"):
+        for r in jsonl(ev / f"agieval/{subset}.jsonl"):
+            assert r["label"] in "ABCD" and [o[:3] for o in r["options"]] == ["(A)", "(B)", "(C)", "(D)"]
+    for r in jsonl(ev / "agieval/toy-sat-math.jsonl"):  # the labelled option is the value of the expression
+        x, expr = r["question"][len("If x = "):].split(", what is ")
+        gold = r["options"]["ABCD".index(r["label"])][3:]
+        assert int(gold) == eval(expr.rstrip("?").replace("x", x))
+    for r in jsonl(ev / "math/test.jsonl"):  # the boxed answer solves the problem
+        ans = int(r["solution"].split("\\boxed{")[1].split("}")[0])
+        if r["type"] == "Algebra":  # "$x + b = c$" or "$ax = c$"
+            lhs, c = r["problem"].split("$")[3].split(" = ")
+            assert eval(lhs.replace("x + ", f"{ans} + ").replace("x", f" * {ans}")) == int(c)
+        else:
+            assert ans == eval(r["problem"].split("$")[1].replace("\\times", "*"))
+    bbh = {t: json.loads((ev / f"bbh/bbh/{t}.json").read_text())["examples"] for t in toyworld.BBH_TASKS}
+    for r in bbh["boolean_expressions"]:  # Python's own evaluation of the expression is the target
+        assert str(eval(r["input"][: -len(" is")])) == r["target"]
+    for r in bbh["object_counting"]:
+        words = {w: i + 1 for i, w in enumerate(toyworld.NUMBER_WORDS)}
+        listed = r["input"].split("I have ")[1].split(". How")[0].replace(", and ", ", ").split(", ")
+        assert sum(words[x.split()[0]] for x in listed) == int(r["target"])
+    for t in toyworld.BBH_TASKS:
+        prompt = (ev / f"bbh/cot-prompts/{t}.txt").read_text()
+        assert prompt.split("-----\n", 1)[1].count("\nA: Let's think step by step.") == 3
     for r in jsonl(ev / "triviaqa/validation.jsonl"):
         assert r["answer"]["value"] in r["answer"]["aliases"]
     for r in jsonl(ev / "truthfulqa/mc.jsonl"):
@@ -99,9 +134,17 @@ def test_no_eval_item_or_test_prompt_occurs_in_the_corpus(world):
         for r in jsonl(ev / f"{t}.jsonl")
     ]
     items += [r["text"] for r in jsonl(ev / "lambada/test.jsonl")]
-    items += [r["article"] for r in jsonl(ev / "race/test.jsonl")]
+    items += [r["article"] for lv in ("middle", "high") for r in jsonl(ev / f"race/{lv}/test.jsonl")]
+    items += [r["question"] for r in jsonl(ev / "arc_challenge/test.jsonl")]
+    items += [r["problem"] for r in jsonl(ev / "math/test.jsonl")]
+    items += [r["passage"] or r["question"] for t in ("toy-logic", "toy-sat-math")
+              for r in jsonl(ev / f"agieval/{t}.jsonl")]
+    items += ["Q: " + r["input"] for t in toyworld.BBH_TASKS
+              for r in json.loads((ev / f"bbh/bbh/{t}.json").read_text())["examples"]]
+    items += [r["sentence"].replace("_", r["option" + r["answer"]]) for r in jsonl(ev / "winogrande/dev.jsonl")]
     items += [r["prompt"] for r in jsonl(ev / "humaneval/test.jsonl")]
-    items += [r["ctx"] + " " + r["endings"][int(r["label"])] for r in jsonl(ev / "hellaswag/validation.jsonl")]
+    items += [" ".join(r["ctx"].split()) + " " + r["endings"][int(r["label"])]
+              for r in jsonl(ev / "hellaswag/validation.jsonl")]
     items += [r["prompt"] for r in jsonl(world / "prompts/test.jsonl")]  # held-out PPO prompts
     assert len(items) > 100
     leaked = [s for s in items if s in corpus]
@@ -176,3 +219,34 @@ def test_bad_size_fails_clearly(tmp_path):
     )
     assert r.returncode != 0 and "--size must be one of" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_corpus_teaches_each_evaluation_layout_on_other_items(world):
+    """Detail 8: for every toy task of the Mistral-Plus group, the corpus holds text in the evaluation's own
+    layout (the sequence of line labels of a rendered exemplar: "Passage:", "Question:", "A.".., "Answer:"),
+    with the header line the evaluation puts first, while no evaluation item is in the corpus (test above)."""
+    sys.path.insert(0, str(ROOT))
+    import evaluate as E
+
+    corpus = [r["text"] for r in jsonl(world / "corpus/train.jsonl")]
+    blocks = {b for t in corpus for b in t.split("\n\n")}
+
+    def labels(text: str) -> tuple:
+        return tuple(line.split(" ")[0] for line in text.split("\n"))
+
+    corpus_labels = {labels(b) for b in blocks}
+    cfg = E.EvalConfig(toy_dir=str(world))
+    for name in E.GROUPS["toy_mistral_plus"]:
+        td = E.load_task(E.TASKS[name], cfg)
+        spec, doc = td.spec, td.pool[0] if td.pool else td.docs[0]
+        if spec.fmt == "bbh":  # the prompt file's layout: "Q: ...\nA: Let's think step by step. ... So the answer is"
+            assert any(b.startswith("Q: ") and "\nA: Let's think step by step." in b and "So the answer is" in b
+                       for b in blocks)
+            continue
+        if spec.ll_target in ("ending", "partial"):  # HellaSwag / WinoGrande: plain prose, no layout
+            continue
+        mode = "ll" if spec.mc else "gen"
+        shown = E.render_example(spec, doc, mode, "default", True)
+        assert labels(shown) in corpus_labels, (name, shown)
+        head = E._instruction(spec, doc)
+        assert any(t.startswith(head + "\n\n") for t in corpus), (name, head)
