@@ -549,8 +549,9 @@ PLURAL = {t: t + "s" for t in THINGS}
 NUMBER_WORDS = ["a", "two", "three", "four"]
 
 
-def mc_with(rng: random.Random, correct: str, pool: list[str], must: list[str] = (), k: int = 4) -> tuple[list, int]:
-    """Like mc, but the distractors include `must` (the wrong answers a passage also mentions)."""
+def mc(rng: random.Random, correct: str, pool: list[str], must: list[str] = (), k: int = 4) -> tuple[list, int]:
+    """`k` options: the correct one, the distractors in `must` (wrong answers a passage also mentions), the rest
+    distinct ones drawn from `pool`, shuffled; returns (options, gold)."""
     rest = [x for x in dict.fromkeys(pool) if x != correct and x not in must]
     opts = [correct, *must[: k - 1]] + rng.sample(rest, k - 1 - len(must[: k - 1]))
     rng.shuffle(opts)
@@ -776,7 +777,7 @@ def exam_pages(rng: random.Random, n: int, quiz_ents: list[Entity], ents: dict, 
         for _ in range(rng.randint(2, 4)):
             if rng.random() < 0.25:
                 q, ans, wrong = kind_item(rng)
-                opts, g = mc_with(rng, ans, wrong, wrong)
+                opts, g = mc(rng, ans, wrong, wrong)
             else:
                 q, ans, pool = fact_question(rng, rng.choice(quiz_ents), ents)
                 opts, g = mc(rng, ans, pool)
@@ -789,7 +790,7 @@ def exam_pages(rng: random.Random, n: int, quiz_ents: list[Entity], ents: dict, 
             qs = []
             for _ in range(rng.randint(1, 3)):
                 passage, q, ans, pool, must = logic_item(rng, towns)
-                opts, g = mc_with(rng, ans, pool, must)
+                opts, g = mc(rng, ans, pool, must)
                 qs.append(lettered(q, opts, g, passage))
             pages.append(MC_HEAD.format("toy-logic") + "\n\n" + "\n\n".join(qs))
         else:
@@ -974,13 +975,6 @@ def prompt_rows(rng: random.Random, cfg: WorldConfig, n: int, red: list[str], ge
 
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation tasks in the public layouts (see module docstring; layout agreed with evaluate.py).
-def mc(rng: random.Random, correct: str, pool: list[str], k: int = 4) -> tuple[list[str], int]:
-    """`k` options: the correct one plus distinct distractors from `pool`, shuffled; returns (options, gold)."""
-    opts = [correct] + rng.sample([x for x in dict.fromkeys(pool) if x != correct], k - 1)
-    rng.shuffle(opts)
-    return opts, opts.index(correct)
-
-
 def fact_questions(e: Entity, ents: dict) -> list[tuple[str, str, list[str]]]:
     """Every question form about one entity: [(question, answer, pool of answers to draw distractors from)]."""
     a = e.attrs
@@ -1061,7 +1055,7 @@ def eval_tasks(
 
     def logic_row():
         passage, q, ans, pool, must = logic_item(rng, towns)
-        opts, g = mc_with(rng, ans, pool, must)
+        opts, g = mc(rng, ans, pool, must)
         return passage, {"passage": passage, "question": q, "options": [f"({LETTERS[i]}){o}" for i, o in
                                                                          enumerate(opts)], "label": LETTERS[g]}
 
@@ -1091,7 +1085,7 @@ def eval_tasks(
                 other = {"+": a * b, "-": a + b, "*": a + b}[op]
                 near = (a, b, other, ans + 1, ans - 1, ans + 2, ans + 3)
                 wrong = list(dict.fromkeys(str(v) for v in near if v != ans and v >= 0))
-                opts, g = mc_with(rng, str(ans), wrong, wrong[:3])
+                opts, g = mc(rng, str(ans), wrong, wrong[:3])
             return q, {"question": q, "choices": {"text": opts, "label": list("ABCD")}, "answerKey": "ABCD"[g]}
 
         for split, cnt in (("train", ns), ("test", nt)):
@@ -1166,7 +1160,7 @@ def eval_tasks(
         other_size = rng.choice([x for x in SIZES_WORDS if x != size])
         other_color = rng.choice([x for x in COLORS if x != color])
         wrong = [(other_size, color), (size, other_color), (other_size, other_color)]
-        opts, g = mc_with(rng, f"a {size} {color} creature.", [f"a {x} {y} creature." for x, y in wrong],
+        opts, g = mc(rng, f"a {size} {color} creature.", [f"a {x} {y} creature." for x, y in wrong],
                           [f"a {x} {y} creature." for x, y in wrong])
         return ctx_a, {
             "activity_label": "Story",
@@ -1225,7 +1219,7 @@ def eval_tasks(
         else:  # the other person's detail is always among the options: the detail must be bound to the person
             article_, qs = passage_high(rng, persons)
             q, ans, pool, must = rng.choice(qs)
-            opts, g = mc_with(rng, ans, pool, must)
+            opts, g = mc(rng, ans, pool, must)
         return article_, {"article": article_, "question": q, "options": opts, "answer": "ABCD"[g]}
 
     for level in ("middle", "high"):
