@@ -36,7 +36,9 @@ Implementation details (numbers appear at the lines that implement them):
     an MMLU question cost one forward (lm-eval's logits cache:
     https://github.com/EleutherAI/lm-evaluation-harness/pull/631). 5b: multi-token choices of one question share
     one pass over the context into the KV cache, copied per choice (lm-eval runs the context once per choice:
-    https://github.com/EleutherAI/lm-evaluation-harness/issues/1351).
+    https://github.com/EleutherAI/lm-evaluation-harness/issues/1351). 5c: the tokens every context of a batch
+    starts with (the task header and its fixed few-shot exemplars: 67-98% of the toy MC contexts) run once, as
+    one row, and that row's KV cache is copied to every row of the batch before the rest runs.
  6. acc = argmax of summed log-likelihood; acc_norm = argmax of log-likelihood / character length of the choice
     string (lm-eval's definition, process_results in lm_eval/api/task.py).
  7. Generation: left-padded batches sorted by length, greedy with the KV cache of model.py, stopped per row on
@@ -106,7 +108,7 @@ from common import (
     toxic_regex,
     write_json_atomic,
 )
-from model import MistralForCausalLM, Tokenizer, check_tokenizer_fits, pad_batch
+from model import KVCache, MistralForCausalLM, Tokenizer, check_tokenizer_fits, pad_batch
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -139,7 +141,7 @@ class EvalConfig:
     seed: int = 1234  # sampling seed (code samples); exemplar seeds are --fewshot_seeds
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False  # torch.compile the model (helps long GPU runs only)
+    compile: bool = False  # torch.compile the model and its decode step (pays off on long runs only)
     threads: int = 0  # CPU threads for torch; 0 = torch's default (1 helps on an oversubscribed machine)
 
     def __post_init__(self) -> None:
@@ -763,17 +765,16 @@ class LM:
 
         def run(j: int, batch: list) -> dict:
             inputs = [list(k[1]) for k in batch]
-            ids, mask = pad_batch(inputs, self.tok.pad_id, side="right")
-            self.counts["forward_tokens"] += sum(len(x) for x in inputs)
+            spans = [max(len(reqs[i][1]) for i in units[k]) for k in batch]
+            # detail 5c: the shared prefix may not reach the positions that predict continuation tokens
+            limit = min(len(x) - m for x, m in zip(inputs, spans))
             with autocast_ctx(self.device, self.dtype):
-                h = self.model.model(ids.to(self.device), mask.to(self.device))  # (B, T, hidden)
-            rows, cols, spans = [], [], []
-            for b, k in enumerate(batch):
-                L = len(inputs[b])
-                m = max(len(reqs[i][1]) for i in units[k])
+                h, pre = self._forward_shared_prefix(inputs, "right", limit)  # (B, T - pre, hidden)
+            rows, cols = [], []
+            for b, m in enumerate(spans):
+                L = len(inputs[b]) - pre
                 rows += [b] * m
                 cols += range(L - m, L)
-                spans.append(m)
             with autocast_ctx(self.device, self.dtype):
                 logits = self.model.lm_head(h[rows, cols])  # (sum m, V): only continuation positions
             logp = torch.log_softmax(logits.float(), -1).cpu()
@@ -794,6 +795,40 @@ class LM:
         self.counts["loglikelihood_forwards"] += len(keys)
         return [out[i] for i in range(len(reqs))]
 
+    MIN_SHARED_PREFIX = 16  # detail 5c: shorter common prefixes are not worth a separate forward
+
+    def _forward_shared_prefix(self, seqs: list[list[int]], side: str, limit: int,
+                               cache: KVCache | None = None) -> tuple[torch.Tensor, int]:
+        """Hidden states (B, T - pre, hidden) of the padded `seqs` after their common prefix of `pre` tokens
+        (at most `limit`), which runs once as a single row whose KV cache is copied to every row (detail 5c).
+        Without a usable prefix: one plain forward (pre = 0). `cache`, if given, holds every row's keys after."""
+        model, dev = self.model, self.device
+        pre = 0
+        if len(seqs) > 1:
+            first, shortest = seqs[0], min(len(x) for x in seqs)
+            while pre < min(limit, shortest) and all(x[pre] == first[pre] for x in seqs):
+                pre += 1
+        window, need = model.config.sliding_window, cache.size if cache is not None else max(map(len, seqs))
+        if pre < self.MIN_SHARED_PREFIX or (window is not None and window < need):
+            pre = 0  # a rolling window cache is written slot = position mod W: keep the plain path there
+        self.counts["forward_tokens"] += pre + sum(len(x) - pre for x in seqs)
+        ids, mask = pad_batch([x[pre:] for x in seqs], self.tok.pad_id, side=side)
+        if not pre:
+            return model.model(ids.to(dev), mask.to(dev), cache=cache), 0
+        if cache is None:
+            cache = model.new_cache(len(seqs), pre + ids.shape[1])
+        one = model.new_cache(1, cache.size)
+        model.model(torch.tensor([seqs[0][:pre]], device=dev), cache=one)
+        for layer in range(len(cache.k)):  # the single row's keys and values, broadcast to every row
+            cache.k[layer].copy_(one.k[layer].expand_as(cache.k[layer]))
+            cache.v[layer].copy_(one.v[layer].expand_as(cache.v[layer]))
+        cache.pos.copy_(one.pos.expand_as(cache.pos))
+        cache.valid.copy_(one.valid.expand_as(cache.valid))
+        cache.next_pos.copy_(one.next_pos.expand_as(cache.next_pos))
+        cache.seen = one.seen
+        self.counts["loglikelihood_shared_prefix_tokens"] += pre * (len(seqs) - 1)  # forward tokens saved
+        return model.model(ids.to(dev), mask.to(dev), cache=cache), pre
+
     @torch.no_grad()
     def _ll_shared_context(self, reqs: list[tuple[list[int], list[int]]], idxs: list[int],
                            what: str) -> dict[int, tuple[float, bool]]:
@@ -809,17 +844,18 @@ class LM:
         model = self.model
 
         def run(j: int, batch: list) -> dict:
-            ids, mask = pad_batch([list(c) for c in batch], self.tok.pad_id, side="left")
             members = [(r, i) for r, c in enumerate(batch) for i in groups[c]]
             conts = [reqs[i][1] for _, i in members]
-            self.counts["forward_tokens"] += sum(len(c) for c in batch) + sum(len(t) - 1 for t in conts)
+            self.counts["forward_tokens"] += sum(len(t) - 1 for t in conts)
             max_c = max(len(t) for t in conts)
+            longest = max(len(c) for c in batch)
             with autocast_ctx(self.device, self.dtype):
-                cache = model.new_cache(len(batch), ids.shape[1] + max_c)
-                h = model.model(ids.to(self.device), mask.to(self.device), cache=cache)[:, -1]  # (B, hidden)
-                first = torch.log_softmax(model.lm_head(h).float(), -1).cpu()  # predicts each 1st token
+                cache = model.new_cache(len(batch), longest + max_c)
+                h, _ = self._forward_shared_prefix([list(c) for c in batch], "left", min(map(len, batch)) - 1,
+                                                   cache)
+                first = torch.log_softmax(model.lm_head(h[:, -1]).float(), -1).cpu()  # predicts each 1st token
                 rows = torch.tensor([r for r, _ in members], device=self.device)
-                big = model.new_cache(len(members), ids.shape[1] + max_c)  # cache rows copied per choice
+                big = model.new_cache(len(members), longest + max_c)  # cache rows copied per choice
                 for layer in range(len(cache.k)):
                     big.k[layer].copy_(cache.k[layer][rows])
                     big.v[layer].copy_(cache.v[layer][rows])
@@ -913,7 +949,7 @@ class LM:
             if bool(done.all()):
                 break
             with autocast_ctx(self.device, self.dtype):
-                logits = model(nxt[:, None], torch.ones_like(nxt[:, None]), cache=cache)[:, -1]
+                logits = model.decode_step(nxt, cache)  # the static (or compiled) step of model.py
         return out
 
     def _decode_continuation(self, prompt: list[int], out: list[int], stop) -> str:
@@ -1570,6 +1606,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         check_tokenizer_fits(tok, model.config.vocab_size, path)
         if cfg.compile:
             model.model = torch.compile(model.model)  # type: ignore[assignment]
+            model.decode_mode = "compile"  # generation: model.py's compiled static decode step
         lm = LM(model, tok, device, dtype, cfg.batch_size, cfg.max_length, dist_info.rank,
                 dist_info.world_size, verbose=dist_info.is_main)
         model_info[name] = {"path": path, "sha256": checkpoint_sha256(Path(path)),

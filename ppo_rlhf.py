@@ -147,7 +147,7 @@ class PPOConfig:
     resume: str = ""  # a previous --out folder (or its state/) to continue from
     device: str = "auto"  # auto|cpu|cuda
     dtype: str = "auto"  # auto|fp32|bf16|fp16 (autocast; frozen models stored in it, trained ones in fp32)
-    compile: bool = False  # torch.compile the training forwards of actor and critic
+    compile: bool = False  # torch.compile the training forwards of actor and critic, and the decode step
     fsdp: bool = False  # 19: shard all four models over the ranks (FSDP2); actor and critic trained, the others frozen
     grad_ckpt: bool = False  # 19: activation checkpointing per decoder layer of actor and critic
     seed: int = 1234  # rollouts of rank r at iteration i use a generator seeded from (seed, i, r)
@@ -407,12 +407,13 @@ class ValueModel(nn.Module):
 def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, P: int, temperature: float,
                       with_entropy: bool = False):
     """Log-probs (B, N) of the response tokens seq[:, P:] under softmax(logits / temperature) (detail 13).
-    Logits at position t predict token t + 1, hence the slice [P - 1, -1)."""
-    logits = model(seq, attn)[:, P - 1:-1].float() / temperature  # (B, N, V)
-    lp = logprobs_from_logits(logits, seq[:, P:])
+    Logits at position t predict token t + 1, hence positions [P - 1, -1); the LM head runs on those only (the
+    same numbers as slicing the full logits: each position's head is its own matmul row)."""
+    logits = model(seq, attn, first_logit=P - 1)[:, :-1].float() / temperature  # (B, N, V)
+    logp = torch.log_softmax(logits, -1)
+    lp = logp.gather(-1, seq[:, P:, None]).squeeze(-1)  # model.logprobs_from_logits, sharing the log-softmax
     if not with_entropy:
         return lp
-    logp = torch.log_softmax(logits, -1)
     return lp, -(logp.exp() * logp).sum(-1)  # per-token entropy of the sampling distribution
 
 
@@ -797,11 +798,15 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
     critic_train = parallelize(value_model, dist_info, dev, ptdtype, cfg.fsdp, cfg.grad_ckpt)
     sharded = is_sharded(actor_train)
     actor_fwd = torch.compile(actor_train, dynamic=True) if cfg.compile else actor_train
+    actor.decode_mode = "compile" if cfg.compile else "static"  # rollouts: model.py's static decode step
     critic_fwd = torch.compile(critic_train, dynamic=True) if cfg.compile else critic_train
     # detail 9/17: separate optimisers; Adam eps 1e-5 (N+: PyTorch's 1e-8 is more aggressive early on)
-    opt_a = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0)
+    # one fused kernel per step (as pretrain.py), not a Python loop over the tensors; FSDP2 shards: the loop
+    fused = not cfg.fsdp
+    opt_a = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0,
+                              fused=fused)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95), eps=1e-5,
-                              weight_decay=0)
+                              weight_decay=0, fused=fused)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only, one code path
     kl_coef, moments, start_it, extra = cfg.kl_coef, RunningMoments(), 0, {}
     if resume_state and sharded:

@@ -11,14 +11,26 @@ model; update = rewards, GAE and the PPO epochs. Each phase's FLOPs are counted 
 (forward 2N per token, training 6N, plus attention via model.flops_per_token) and divided by the machine's
 fp32 matmul peak measured in this run (CPU) or the datasheet peak (GPU): a ratio, not a bare time.
 Writes out/bench/bench_ppo.json.
+
+    python bench/bench_ppo.py --threads 1 --compare 3   # A/B: this code vs the two changes undone, 3 rounds
+
+`--compare R` runs R rounds of four variants in turn (the same seed, so the same episodes) and reports the median
+seconds per phase: "before" = the eager decode path (model.py `decode_mode = "eager"`) and log-probs from the
+full logits sliced afterwards (the LM head and log-softmax over the prompt positions too); "static decode" and
+"sliced head" = one change each; "after" = both (this code). Whole iterations drift by tens of percent from run
+to run on a shared machine, so the two changed pieces are also timed alone, alternated in one process at an
+iteration's shapes (generation of 32 prompts, eager vs static decode; one 16-row minibatch's actor log-probs
+forward + backward, full logits vs the sliced head). Writes out/bench/bench_ppo_compare.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +56,100 @@ def random_toy_models(tmp: Path) -> tuple[Path, Path]:
     return tmp / "actor", tmp / "rm"
 
 
+def full_logits_logprobs(model, seq, attn, P_, temperature, with_entropy=False):
+    """The reference for `ppo_rlhf.response_logprobs`: logits at every position, sliced afterwards."""
+    logits = model(seq, attn)[:, P_ - 1:-1].float() / temperature
+    lp = M.logprobs_from_logits(logits, seq[:, P_:])
+    if not with_entropy:
+        return lp
+    logp = torch.log_softmax(logits, -1)
+    return lp, -(logp.exp() * logp).sum(-1)
+
+
+def eager_decode_step(self, tok, cache):
+    """The reference for `MistralForCausalLM.decode_step`: the general cached forward for every token."""
+    return self(tok[:, None], torch.ones_like(tok[:, None]), cache=cache)[:, -1]
+
+
+def component_ab(cfg: P.PPOConfig, rounds: int) -> dict:
+    """The two changed pieces alone, at an iteration's shapes, alternated `rounds` times in this process:
+    a rollout's generation (32 prompts, 32 new tokens) eager vs static decode, and one minibatch's actor
+    log-probs forward + backward (16 rows) from the full logits vs the sliced head. -> median seconds."""
+    import statistics
+    actor = M.MistralForCausalLM.from_pretrained(cfg.actor)
+    tok = M.Tokenizer.from_file(cfg.actor)
+    prompts = [t for t, _ in P.load_prompts(cfg.prompts[0])][:cfg.rollout_batch_size]
+    ids, mask = P.encode_prompts(tok, prompts, cfg.max_prompt_len)
+    u = torch.rand((len(prompts), cfg.max_new_tokens), generator=torch.Generator().manual_seed(0))
+    seqs = {}
+
+    def gen(mode):
+        def fn():
+            actor.decode_mode = mode
+            seqs[mode] = actor.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        eos_token_id=-1, pad_token_id=tok.pad_id, uniforms=u).sequences
+        return fn
+    seq = (gen("static")(), seqs["static"])[1]
+    attn = torch.ones_like(seq)
+    attn[:, :ids.shape[1]] = mask
+    mb = cfg.rollout_batch_size // cfg.num_minibatches
+
+    def lp(fn):
+        def run():
+            out = fn(actor, seq[:mb], attn[:mb], ids.shape[1], cfg.temperature)
+            out.sum().backward()
+            actor.zero_grad(set_to_none=True)
+        return run
+    variants = {"generate eager": gen("eager"), "generate static": gen("static"),
+                "actor lp fwd+bwd full logits": lp(full_logits_logprobs),
+                "actor lp fwd+bwd sliced head": lp(P.response_logprobs)}
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    actor.decode_mode = "static"
+    assert torch.equal(seqs["eager"], seqs["static"]), "static decode sampled other tokens than eager"
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def compare(cfg: P.PPOConfig, rounds: int, out: str) -> None:
+    import statistics
+    parts = component_ab(cfg, max(20, 5 * rounds))
+    print("\ncomponents, alternated in one process, median s:")
+    for (a, ta), (b, tb) in zip(list(parts.items())[::2], list(parts.items())[1::2]):
+        print(f"  {a:<30}{ta:>8.3f}   {b:<30}{tb:>8.3f}   {ta / tb:>5.2f}x")
+    fast_lp, fast_step = P.response_logprobs, M.MistralForCausalLM.decode_step
+    variants = {"before": (full_logits_logprobs, eager_decode_step), "static decode": (full_logits_logprobs, fast_step),
+                "sliced head": (fast_lp, eager_decode_step), "after": (fast_lp, fast_step)}
+    times = {k: {ph: [] for ph in ("generate", "score", "update", "iteration")} for k in variants}
+    finals = {}
+    for r in range(rounds):
+        for name, (lp_fn, step_fn) in variants.items():
+            P.response_logprobs, M.MistralForCausalLM.decode_step = lp_fn, step_fn
+            run = Path(cfg.out).parent / f"cmp_{r}_{name.replace(' ', '_')}"
+            try:
+                P.train(dataclasses.replace(cfg, out=str(run)))
+            finally:
+                P.response_logprobs, M.MistralForCausalLM.decode_step = fast_lp, fast_step
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
+            for ph in times[name]:
+                times[name][ph] += [row[f"time/{ph}"] for row in rows]
+            finals[name] = rows[-1]["objective/scores"] if "objective/scores" in rows[-1] else None
+    med = {k: {ph: statistics.median(v) for ph, v in d.items()} for k, d in times.items()}
+    print(f"\nPPO iteration A/B, {rounds} rounds x {cfg.total_iters - 1} timed iterations per variant, median s")
+    print(f"{'variant':<15}" + "".join(f"{ph:>11}" for ph in ("generate", "score", "update", "iteration"))
+          + f"{'vs before':>11}")
+    for k, d in med.items():
+        print(f"{k:<15}" + "".join(f"{d[ph]:>11.3f}" for ph in ("generate", "score", "update", "iteration"))
+              + f"{med['before']['iteration'] / d['iteration']:>10.2f}x")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    C.write_json_atomic(Path(out) / "bench_ppo_compare.json", {"rounds": rounds, "seconds": times, "median": med,
+                                                               "components": parts,
+                                                               "threads": torch.get_num_threads()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -51,6 +157,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=4, help="timed iterations (one more is a warm-up)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     ap.add_argument("--out", default=str(ROOT / "out/bench"))
+    ap.add_argument("--compare", type=int, default=0, metavar="R", help="A/B rounds of the four variants")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,6 +173,9 @@ def main() -> None:
                       dtype=args.dtype, total_iters=args.iters + 1, eval_prompts="", eval_corpus="",
                       save_every=0, prompts=[str(ROOT / p) for p in d.prompts],
                       toxic_lexicon=str(ROOT / d.toxic_lexicon))
+    if args.compare:
+        compare(cfg, args.compare, args.out)
+        return
     P.train(cfg)
     rows = [json.loads(x) for x in (tmp / "run/metrics.jsonl").read_text().splitlines()][1:]  # drop warm-up
 

@@ -446,6 +446,25 @@ def test_single_token_grouping_and_shared_context_equal_the_plain_path(lm):
     assert shared == 1  # the three multi-token continuations share one context pass
 
 
+def test_shared_few_shot_prefix_runs_once_and_equals_the_naive_forward(lm):
+    """Detail 5c: questions behind the same header and exemplars (a 5-shot prompt) share those tokens' forward
+    pass; single-token (letters) and multi-token (choices) requests alike equal the naive full forward."""
+    lm = E.LM(lm.model, lm.tok, lm.device, lm.dtype, batch_size=32)  # every context in one batch per path
+    shots = "The following are questions.\n\nQuestion: the job of kamara?\nAnswer: baker\n\n" * 3
+    reqs = []
+    for q in ["the home of vekka?", "the colour of the stone?", "what does fenveka eat?"]:
+        ctx = lm.tok.encode(shots + f"Question: {q}\nAnswer:", bos=True)
+        reqs += [(ctx, [t]) for t in (10, 20)]  # one-token continuations: the grouped plain path
+        reqs += [(ctx, lm.tok.encode(" " + w, bos=False)) for w in ["baker sailor", "the red healer"]]  # cached
+    out = lm.loglikelihood_tokens(reqs, group=True)
+    saved = lm.counts["loglikelihood_shared_prefix_tokens"]
+    common = len(lm.tok.encode(shots + "Question: ", bos=True)) - 1  # at least this much is shared
+    assert saved >= 2 * 2 * common  # two paths, three contexts each: the prefix ran once instead of 3 times
+    for (a, ga), (c, t) in zip(out, reqs):
+        assert a == pytest.approx(naive_loglikelihood(lm, c, t), abs=1e-4)
+        assert ga == (lm.loglikelihood_tokens([(c, t)], group=False)[0][1])
+
+
 def test_rolling_loglikelihood_equals_full_forward_and_windows_agree(lm):
     text = "once upon a time the smith lived in the forest and found a red stone"
     (ll, n), = lm.loglikelihood_rolling([text])

@@ -465,3 +465,29 @@ def test_none_choices_survive_the_flag_parser():
     cfg.prompts = cfg.prompts[:1]  # one source, one weight
     P.check_config(cfg, world=1)
     assert (cfg.adv_norm, cfg.reward_norm) == ("none", "none")
+
+
+def test_response_logprobs_equal_the_full_logits_slice_with_gradients():
+    """The LM head on the response positions only (first_logit) gives the same log-probs, entropy and parameter
+    gradients as the full logits sliced afterwards (the naive reference)."""
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, max_position_embeddings=64)
+    m = M.MistralForCausalLM(cfg)
+    seq = torch.randint(3, 61, (3, 14))
+    attn = torch.ones_like(seq)
+    attn[0, :3] = 0  # left padding
+    P_, temp = 6, 0.7
+    lp, ent = P.response_logprobs(m, seq, attn, P_, temp, with_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    fast = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    logits = m(seq, attn)[:, P_ - 1:-1] / temp
+    ref = M.logprobs_from_logits(logits, seq[:, P_:])
+    logp = torch.log_softmax(logits, -1)
+    ref_ent = -(logp.exp() * logp).sum(-1)
+    (ref.sum() + ref_ent.sum()).backward()
+    torch.testing.assert_close(lp, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=0)
+    for a, p in zip(fast, m.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
