@@ -305,11 +305,12 @@ def cowclip_(
     """Clip the dense `grad` (V, d) in place for the ids of the batch; returns (rows clipped, present).
     `unique`: (rows, counts) of `ids` when the caller has them already."""
     rows, counts = unique if unique is not None else torch.unique(ids.reshape(-1), return_counts=True)
-    g = grad[rows]  # (U, d)
-    n_clipped = cowclip_rows_(weight[rows], g, counts, r, zeta, mode)
+    rows = rows.long()
+    g = grad.index_select(0, rows)  # (U, d); index_select: a plain row gather, cheaper than advanced indexing
+    n_clipped = cowclip_rows_(weight.index_select(0, rows), g, counts, r, zeta, mode)
     if mode == "paper":
         grad.zero_()  # Alg. 1 literally: cnt = 0 for absent ids, so clip value and gradient are 0
-    grad[rows] = g
+    grad.index_copy_(0, rows, g)
     return n_clipped, int(rows.numel())
 
 
@@ -639,7 +640,8 @@ def train_step(
     u, inverse, counts = torch.unique(gids.reshape(-1), return_inverse=True, return_counts=True)
     r0 = dist.get_rank() * ids.shape[0] if ddp else 0
     inverse = inverse.view(gids.shape)[r0 : r0 + ids.shape[0]]  # (B, F): this rank's ids -> rows of u
-    e_rows, l_rows = E.detach()[u].requires_grad_(), L.detach()[u].requires_grad_()  # (U, d), (U, 1)
+    e_rows = E.detach().index_select(0, u).requires_grad_()  # (U, d)
+    l_rows = L.detach().index_select(0, u).requires_grad_()  # (U, 1)
     loss = F.binary_cross_entropy_with_logits(model(ids, dense, (inverse, e_rows, l_rows)), y)  # mean, this rank
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # DDP: dense grads are now the mean over the GLOBAL batch (detail 6)
@@ -648,11 +650,17 @@ def train_step(
         dist.all_reduce(g)
         g /= dist.get_world_size()
     idx = u.long()
+    # without loss scaling, the dense gradient is written as 2 lambda w + data in two passes (the L2 term of
+    # detail 2 first, then the present rows), instead of zero, copy, add over the whole table
+    l2_in_buffer = not sparse and not scaler.is_enabled()
     for p, gp in ((E, g[:, :-1]), (L, g[:, -1:])):  # the data gradient, handed to the optimizer's params
         if sparse:  # detail 13: as a sparse (V, k) gradient of the present rows
             p.grad = torch.sparse_coo_tensor(
                 idx[None], gp.contiguous(), p.shape, is_coalesced=True, check_invariants=False
             )
+        elif l2_in_buffer:
+            p.grad = p.grad if p.grad is not None else torch.empty_like(p)
+            torch.mul(p.detach(), 2 * hp["l2"], out=p.grad).index_add_(0, idx, gp)
         else:  # the reference's dense (V, k) gradient, in a buffer kept from step to step
             p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad.zero_().index_copy_(0, idx, gp)
@@ -670,7 +678,8 @@ def train_step(
                 n_rows = int(u.numel())
         else:
             for p in (E, L):
-                p.grad.add_(p, alpha=2 * hp["l2"])  # detail 2: d/dw of lambda * sum(w^2), whole table
+                if not l2_in_buffer:  # after unscaling (fp16): the L2 term is not scaled
+                    p.grad.add_(p, alpha=2 * hp["l2"])  # detail 2: d/dw of lambda * sum(w^2), whole table
             if cfg.clip != "none":
                 n_clipped, n_rows = cowclip_(
                     E, E.grad, gids, cfg.cowclip_r, cfg.cowclip_zeta, cfg.clip, unique=(idx, counts)
