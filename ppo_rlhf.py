@@ -70,6 +70,11 @@ Implementation details (the numbers appear at the lines that implement them):
     the hundreds of decode steps run locally instead of all-gathering every layer per token (measured in
     docs/ppo_rlhf.md); scoring and update forwards all-gather layer by layer. Resume state is sharded
     (torch.distributed.checkpoint); rank 0 writes the final HF folders from the gathered weights.
+20. The LM head runs only on the positions that predict response tokens (`first_logit`), for the old and the
+    reference log-probs of a rollout and for every update minibatch.
+21. Packed forwards: the log-prob, value and reward forwards move each row's real tokens to its right end and drop
+    the all-padding columns (`packed`), so a forward is max(prompt + response) wide instead of P + N; the
+    per-row outputs are those of the padded layout (tested), gathered back to the (B, N) response layout.
 
 Fixed in code (not switches, with the reason at the line): old log-probs are recomputed with the training
 forward rather than taken from the cached sampler, so the first PPO ratio is exactly 1 under any dtype; top-k 0
@@ -404,17 +409,42 @@ class ValueModel(nn.Module):
         return self.rm.token_scores(input_ids, attention_mask)
 
 
+def packed(seq: torch.Tensor, attn: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detail 21: the rows as the forwards see them. Rollout rows are laid out [pads, prompt | response, pads]
+    (prompts left padded to P, responses right padded to N after EOS), about half padding at the toy sizes.
+    Every row's real tokens are moved to its right end, in order (a stable sort of the mask), and the columns
+    that are padding in every row dropped: width max(prompt + response) instead of P + N. A row's forward does
+    not depend on how many pads precede it (model.py detail 6). -> (seq, attn) of width W and `cols` (B, N),
+    the column whose output predicts response token t (clamped for the masked positions after EOS)."""
+    order = torch.sort(attn, dim=1, stable=True).indices  # pads first, real tokens in order after them
+    W = int(attn.sum(1).max())
+    seq2, attn2 = seq.gather(1, order)[:, -W:], attn.gather(1, order)[:, -W:]
+    n = attn[:, P:].sum(1, keepdim=True)  # response tokens per row, up to and including EOS
+    t = torch.arange(seq.shape[1] - P, device=seq.device)[None]
+    cols = (W - n + t - 1).clamp(max=W - 1)  # column W - n + t holds response token t; its logit is one left
+    return seq2, attn2, cols
+
+
 def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, P: int, temperature: float,
                       with_entropy: bool = False):
     """Log-probs (B, N) of the response tokens seq[:, P:] under softmax(logits / temperature) (detail 13).
-    Logits at position t predict token t + 1, hence positions [P - 1, -1); the LM head runs on those only (the
-    same numbers as slicing the full logits: each position's head is its own matmul row)."""
-    logits = model(seq, attn, first_logit=P - 1)[:, :-1].float() / temperature  # (B, N, V)
+    The forward runs on the packed rows (detail 21), and its LM head only from the first column any row needs
+    (each position's head is its own matmul row: the same numbers as slicing the full logits)."""
+    seq2, attn2, cols = packed(seq, attn, P)
+    first = int(cols.min())
+    h = model(seq2, attn2, first_logit=first)  # (B, W - first, V)
+    logits = h.gather(1, (cols - first)[..., None].expand(-1, -1, h.shape[-1])).float() / temperature
     logp = torch.log_softmax(logits, -1)
     lp = logp.gather(-1, seq[:, P:, None]).squeeze(-1)  # model.logprobs_from_logits, sharing the log-softmax
     if not with_entropy:
         return lp
     return lp, -(logp.exp() * logp).sum(-1)  # per-token entropy of the sampling distribution
+
+
+def response_values(critic: nn.Module, seq: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
+    """V(prefix before response token t), (B, N) fp32, from the packed rows (detail 21)."""
+    seq2, attn2, cols = packed(seq, attn, P)
+    return critic(seq2, attn2).gather(1, cols).float()
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -519,7 +549,7 @@ def rollout(actor: MistralForCausalLM, actor_fwd: nn.Module, ref: nn.Module, cri
         # minibatch under any dtype (DeepSpeed-Chat's unstable ratios)
         old_lp, ent = response_logprobs(actor_fwd, seq, attn, P, cfg.temperature, with_entropy=True)
         ref_lp = response_logprobs(ref, seq, attn, P, cfg.temperature)  # detail 13: same temperature
-        values = critic_fwd(seq, attn)[:, P - 1:-1].float()  # V(prefix before token t)
+        values = response_values(critic_fwd, seq, attn, P)  # V(prefix before token t)
         raw = score_fn(seq, attn, P, has_eos).float()
     t2 = time.perf_counter()
     return {"seq": seq, "attn": attn, "P": P, "mask": rmask, "has_eos": has_eos, "old_lp": old_lp * rmask,
@@ -698,6 +728,7 @@ def load_models(cfg: PPOConfig, dev: torch.device, frozen_dtype: torch.dtype | N
         rm = RewardModel.from_pretrained(cfg.reward_model, device=dev, dtype=frozen_dtype)
 
         def score_fn(seq, attn, P, has_eos):
+            seq, attn, _ = packed(seq, attn, P)  # detail 21: the RM reads each row's last real token
             ids, mask = reward_model_inputs(seq, attn, has_eos, tok.eos_id, tok.pad_id)
             return rm(ids, mask)
     if state_dir:
@@ -946,7 +977,7 @@ def train(cfg: PPOConfig, score_fn=None) -> dict:
                         scaler.scale(cfg.ptx_coef * ptx_loss * keep).backward()
                     st.add("loss/ptx_avg", ptx_loss)
                 with amp:
-                    v = critic_fwd(seq[idx], attn[idx])[:, P - 1:-1].float()
+                    v = response_values(critic_fwd, seq[idx], attn[idx], P)
                 vf_loss, vst = ppo_value_loss(v, full["values"][idx], full["returns"][idx], m, cfg.cliprange_value,
                                               denom)  # 9
                 scaler.scale(vf_loss * keep).backward()
