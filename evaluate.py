@@ -866,12 +866,14 @@ class LM:
                 cids, cmask = pad_batch([t[:-1] for t in conts], self.tok.pad_id, side="right")
                 hc = model.model(cids.to(self.device), cmask.to(self.device), cache=big)  # (R, max_c-1, hidden)
                 rest = torch.log_softmax(model.lm_head(hc).float(), -1).cpu()
-            res = {}
-            for m, ((r, i), t) in enumerate(zip(members, conts)):
-                lp = torch.cat([first[r:r + 1], rest[m, :len(t) - 1]])  # (len(t), V)
-                tgt = torch.tensor(t)
-                res[i] = (float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
-            return res
+            # every member's token log-probs and greedy checks at once: (R, max_c), pads masked out
+            tgt, tmask = pad_batch(conts, 0, side="right")
+            fr = first[rows.cpu()]  # (R, V): the distribution of each member's first token
+            tok = torch.cat([fr.gather(1, tgt[:, :1]), rest.gather(2, tgt[:, 1:, None]).squeeze(-1)], 1)
+            hit = torch.cat([fr.argmax(-1, keepdim=True), rest.argmax(-1)], 1) == tgt
+            ll = torch.where(tmask.bool(), tok, 0.0).sum(1).tolist()
+            greedy = (hit | ~tmask.bool()).all(1).tolist()
+            return {i: (ll[m], greedy[m]) for m, (_, i) in enumerate(members)}
 
         self.counts["loglikelihood_shared_contexts"] += len(ctxs)
         return self._map_batches(batches, run, what + " (shared context)")

@@ -875,6 +875,7 @@ class Tokenizer:
         self.pad_id = pad if pad is not None else (self.unk_id if self.unk_id is not None else 0)
         if self.pad_id == self.eos_id:
             raise InputError("tokenizer: the padding id would equal EOS; add a <pad> or <unk> token")
+        self._context_ids: dict[str, list[int]] = {}  # encode_pair's memo of BOS + context ids
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -915,7 +916,11 @@ class Tokenizer:
         if n_space:
             context, continuation = context[:-n_space], context[-n_space:] + continuation
         whole = self.encode(context + continuation, bos=True, eos=eos)
-        ctx = self.encode(context, bos=True)
+        ctx = self._context_ids.get(context)  # the choices of a question share their context: encode it once
+        if ctx is None:
+            if len(self._context_ids) > 4096:
+                self._context_ids.clear()
+            ctx = self._context_ids[context] = self.encode(context, bos=True)
         n = len(ctx)
         while n > 1 and whole[:n] != ctx[:n]:
             n -= 1
