@@ -577,7 +577,7 @@ class MistralForCausalLM(nn.Module):
 def decode_weights(model: MistralForCausalLM) -> dict:
     """The weights the static step reads, as (in, out) matrices for `x @ w`. On CPU, for models up to 1 GiB,
     transposed contiguous copies: MKL's GEMM with a few rows is ~1.6x faster on that layout than on `F.linear`'s
-    (measured at batch 16 on the toy shape, bench/bench_vs_transformers.py); rebuilt once per cache, so
+    (a micro-benchmark of the toy shape's matrices at 16 rows, docs/model.md); rebuilt once per cache, so
     weights updated between generations (PPO) are read fresh. Elsewhere transposed views, no copy."""
     p = model.lm_head.weight
     copy = p.device.type == "cpu" and sum(t.numel() * t.element_size() for t in model.parameters()) <= 2**30
