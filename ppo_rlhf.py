@@ -130,7 +130,7 @@ from common import (
     unsharded,
     write_json_atomic,
 )
-from model import MistralForCausalLM, Tokenizer, check_tokenizer_fits, logprobs_from_logits, pad_batch
+from model import MistralForCausalLM, Tokenizer, check_tokenizer_fits, pad_batch
 from plots import plot_ppo_runs  # optional picture: without matplotlib it writes nothing
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,9 +471,8 @@ def lm_loss_sums(model: nn.Module, tok: Tokenizer, texts: list[str], max_len: in
     ids, mask = pad_batch([s[:max_len] for s in tok.encode_batch(texts, bos=True, eos=True)], tok.pad_id,
                           side="right")
     ids, mask = ids.to(dev), mask.to(dev)
-    lp = logprobs_from_logits(model(ids, mask)[:, :-1], ids[:, 1:])
-    m = mask[:, 1:].float()
-    return -(lp * m).sum(), m.sum()
+    m = mask[:, 1:].float()  # the fused head + loss of model.py (detail 12): no (B, T, V) logits held
+    return model(ids[:, :-1], mask[:, :-1], targets=ids[:, 1:], weights=m), m.sum()
 
 
 class MaskedStats:

@@ -60,7 +60,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import (
     InputError,
@@ -278,12 +277,6 @@ def sft_batch(examples: list, idx: torch.Tensor, pad_id: int) -> tuple[torch.Ten
     for row, i in enumerate(idx.tolist()):
         w[row, : examples[i][1]] = 0  # prompt (and BOS) are context, not targets
     return ids[:, :-1], ids[:, 1:], w[:, 1:]
-
-
-def loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of weighted cross-entropy, in fp32. logits (B, T, V), targets/weights (B, T)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (ce * weights.flatten()).sum()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -646,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
             src, idx = get_batch(g, val=True)
             for x, y, w in micro_batches(src, idx):
                 with autocast_ctx(device, dtype):
-                    tot[0] += loss_sum(model(x), y, w)
+                    tot[0] += model(x, targets=y, weights=w)  # weighted CE sum (model.py detail 12)
                 tot[1] += w.sum()
         if dist_info.ddp:
             torch.distributed.all_reduce(tot)
@@ -669,9 +662,8 @@ def main(argv: list[str] | None = None) -> None:
         for k, (x, y, w) in enumerate(micro_batches(src, idx)):
             # detail 6: skip the gradient reduction on all but the last micro-step
             with gradient_sync(model, k == accum - 1):
-                with autocast_ctx(device, dtype):
-                    logits = model(x)  # (B, T, V) fp32
-                ls = loss_sum(logits, y, w)
+                with autocast_ctx(device, dtype):  # sum of weighted token CE, fp32 (model.py detail 12)
+                    ls = model(x, targets=y, weights=w)
                 scaler.scale(ls * (W / denom)).backward()  # detail 5
             step_loss += ls.detach()
             tok_since += x.numel()

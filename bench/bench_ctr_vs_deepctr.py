@@ -10,6 +10,8 @@ Criteo-like rows (cowclip_ctr.make_synthetic). One process, one thread, the vari
 - samples/s of one training step: ours = `cowclip_ctr.train_step` (L2, CowClip, two Adams), dense (the
   reference's whole-table semantics) and sparse (`--embed_update sparse`); DeepCTR-Torch = the body of its
   `BaseModel.fit` loop (forward, sum-BCE + its L2 term, backward, Adam), on its own float input matrix.
+- the floor: the DNN's GEMMs alone (forward, weight and input gradients) at that batch, timed in the same
+  alternation; DeepCTR-Torch's step / this time is the most any step doing the same work can gain.
 - test AUC after one epoch through each library's own entry point: `cowclip_ctr.train` (CowClip rule at
   that batch) and DeepCTR-Torch's `model.fit` / `model.predict` with its defaults.
 
@@ -100,6 +102,27 @@ def deepctr_step(data: dict, batch: int):
     return step
 
 
+def dnn_matmuls(data: dict, batch: int, hidden=(400, 400, 400)):
+    """Only the GEMMs both libraries must run for the DNN at this batch (forward, weight gradients, input
+    gradients down to the embeddings), on preallocated operands: the floor of either step at equal work, so
+    `deepctr_torch / this` bounds the speed-up a leaner step can reach."""
+    dims = [len(data["field_dims"]) * 10 + data["n_dense"], *hidden, 1]
+    g = torch.Generator().manual_seed(0)
+    acts = [torch.randn(batch, d, generator=g) for d in dims]  # layer inputs / outputs
+    grads = [torch.randn(batch, d, generator=g) for d in dims]
+    ws = [torch.randn(o, i, generator=g) for i, o in zip(dims, dims[1:])]
+    dws = [torch.empty_like(w) for w in ws]
+
+    def step():
+        for j, w in enumerate(ws):  # forward: a_{j+1} = a_j W_j^T
+            torch.mm(acts[j], w.t(), out=acts[j + 1])
+        for j in reversed(range(len(ws))):  # backward: dW_j = g_{j+1}^T a_j, g_j = g_{j+1} W_j
+            torch.mm(grads[j + 1].t(), acts[j], out=dws[j])
+            torch.mm(grads[j + 1], ws[j], out=grads[j])
+
+    return step
+
+
 def auc_ours(data: dict, batch: int, mode: str, epochs: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = cc.Config(batch_size=batch, embed_update=mode, epochs=epochs, out=out, save_model=False, log_every=10**9)
@@ -142,6 +165,7 @@ def main() -> None:
         variants = {"ours_dense": ours_step(data, b, "dense"), "ours_sparse": ours_step(data, b, "sparse")}
         if have_lib:
             variants["deepctr_torch"] = deepctr_step(data, b)
+        variants["dnn_matmuls_only"] = dnn_matmuls(data, b)
         k = max(1, args.samples // b)
         for f in variants.values():  # warm up: first-touch allocations, Adam state
             f()
@@ -168,22 +192,25 @@ def main() -> None:
         f"\n1 thread, fp32, {vocab:,} embedding rows, {args.rounds} alternating rounds (median); AUC after "
         f"{args.epochs} epoch(s) of {args.n_train:,} rows, test {args.n_test:,}"
     )
-    names = list(rows[0]["samples_per_s"])
+    names = [n for n in rows[0]["samples_per_s"] if n != "dnn_matmuls_only"]
+    floor = f"DNN GEMMs only / {base}"  # the equal-work ceiling of a ratio to the base
     print(
         "| batch | "
         + " | ".join(f"{n} samples/s" for n in names)
         + " | "
         + " | ".join(f"{n} / {base}" for n in names if n != base)
+        + f" | {floor}"
         + (" | " + " | ".join(f"{n} AUC" for n in names) + " | Bayes AUC" if args.auc else "")
         + " |"
     )
-    print("|---" * (1 + 2 * len(names) + (1 if args.auc else -1)) + "|")
+    print("|---" * (1 + 2 * len(names) + (len(names) + 1 if args.auc else 0)) + "|")
     for r in rows:
         s = r["samples_per_s"]
         cells = [
             f"{r['batch']:,}",
             *(f"{s[n]:,.0f}" for n in names),
             *(f"{s[n] / s[base]:.2f}x" for n in names if n != base),
+            f"{s['dnn_matmuls_only'] / s[base]:.2f}x",
         ]
         if args.auc:
             cells += [f"{r['auc'][n]['auc']:.4f}" for n in names] + [f"{r['auc']['ours_dense']['bayes_auc']:.4f}"]

@@ -4,7 +4,9 @@
     OMP_NUM_THREADS=1 python bench/bench_vs_transformers.py --no-compile   # skip the compiled variants
 
 Rows (the 6.5M toy shape: hidden 256, 6 layers, 8 query / 4 KV heads, vocab 4096):
-  train step   batch 16 x 256, forward + cross-entropy + backward + fused AdamW (the same optimizer on both sides)
+  train step   batch 16 x 256, forward + cross-entropy + backward + fused AdamW (the same optimizer on both sides);
+               ours through its training loss (the LM head fused with the loss, model.py detail 12) and, as the
+               variant, through full logits + F.cross_entropy, which is transformers' loss
   forward      the same batch, no grad
   decode b1    greedy, prompt 16, 128 new tokens; ours in three modes (model.py detail 11): eager (the general
   decode b16   cached forward, the reference), static (one static-shape step) and compile (that step compiled)
@@ -16,6 +18,7 @@ FLOPs per token, common.flops_per_token). Writes out/bench/bench_vs_transformers
 """
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -86,22 +89,29 @@ def main() -> None:
         res["transformers"] = None
 
     # -- train step and forward
-    def train_step(model, get_logits):
+    def train_step(model, get_loss):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
-            loss = F.cross_entropy(get_logits(x[:, :-1]).reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
-            loss.backward()
+            get_loss(x[:, :-1], x[:, 1:]).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
-    ours_logits = ours
-    train = {"ours": train_step(ours, ours_logits)}
+    def logits_then_ce(get_logits):  # what transformers' own `labels=` loss does: fp32 logits, F.cross_entropy
+        return lambda ids, tgt: F.cross_entropy(get_logits(ids).reshape(-1, cfg.vocab_size), tgt.reshape(-1))
+
+    n_tok = B * T  # ours: the fused head + loss pretrain.py trains with (model.py detail 12), as a mean
+    train = {"ours": train_step(ours, lambda ids, tgt: ours(ids, targets=tgt) / n_tok)}
+    twin = copy.deepcopy(ours)  # the variants train their own copies, so ours and transformers stay equal
+    train["ours logits+CE"] = train_step(twin, logits_then_ce(twin))
+    if args.compile:  # pretrain.py --compile: torch.compile of the whole model, the fused loss included
+        twin_c = copy.deepcopy(ours)
+        compiled = torch.compile(twin_c)
+        train["ours compile"] = train_step(twin_c, lambda ids, tgt: compiled(ids, targets=tgt) / n_tok)
     fwd = {"ours": lambda: ours(x[:, :-1])}
     if hf is not None:
-        hf_logits = lambda ids: hf(ids).logits  # noqa: E731
-        train["transformers"] = train_step(hf, hf_logits)
+        train["transformers"] = train_step(hf, logits_then_ce(lambda ids: hf(ids).logits))
         fwd["transformers"] = lambda: hf(x[:, :-1]).logits
         with torch.no_grad():
             res["forward_max_abs_logit_diff"] = float((ours(x[:, :-1]) - hf(x[:, :-1]).logits).abs().max())
@@ -164,6 +174,12 @@ def main() -> None:
         print(f"{name:<22}{variant:<16}{sec * 1e3:>8.1f}ms{tokens / sec:>11.0f}{ratio:>17}{str(equal):>11}")
     for k, v in med.items():
         row("train step 16x256", k, v, B * T, med.get("transformers"))
+    if "transformers" in res["train_step_s"]:  # paired within each round: robust to a drifting machine
+        hf_s = res["train_step_s"]["transformers"]
+        res["train_round_ratios"] = {k: [h / o for h, o in zip(hf_s, v)] for k, v in res["train_step_s"].items()}
+        print("train step, transformers / ours per round: " + "; ".join(
+            f"{k} " + " ".join(f"{r:.2f}" for r in v) for k, v in res["train_round_ratios"].items()
+            if k != "transformers"))
     res["train_fraction_of_peak"] = {k: B * T / v * fpt / peak for k, v in med.items()}
     fmed = {k: statistics.median(v) for k, v in res["forward_s"].items()}
     for k, v in fmed.items():

@@ -253,6 +253,54 @@ def test_rmsnorm_applies_weight_after_casting_back():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the fused LM head + loss (detail 12)
+
+
+def naive_weighted_ce(m: M.MistralForCausalLM, x, y, w) -> torch.Tensor:
+    """The reference: full (B, T, V) logits, then F.cross_entropy per token, weighted, summed."""
+    ce = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="none")
+    return (ce * w.flatten()).sum()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_head_loss_equals_full_logits_cross_entropy_with_gradients(tied):
+    # vocab 20,000 -> 256 rows per chunk; 3 x 200 = 600 tokens -> 3 chunks, the last one partial
+    m = tiny_model(vocab_size=20_000, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                   tie_word_embeddings=tied).train()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 20_000, (3, 200), generator=g), torch.randint(0, 20_000, (3, 200), generator=g)
+    w = torch.rand(3, 200, generator=g)
+    w[0, :50] = 0  # prompt-like positions carry no loss
+    params = dict(m.named_parameters())
+    want = naive_weighted_ce(m, x, y, w)
+    want_g = torch.autograd.grad(want, list(params.values()))
+    got = m(x, targets=y, weights=w)
+    got_g = torch.autograd.grad(3.0 * got, list(params.values()))  # a scaled loss (GradScaler) scales the grads
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for name, a, b in zip(params, got_g, want_g):
+        torch.testing.assert_close(a, 3.0 * b, rtol=1e-4, atol=3e-4 * float(b.abs().max()),
+                                   msg=lambda e, name=name: f"{name}: {e}")
+    with torch.no_grad():  # the no-grad path (evaluation) computes no gradients and the same loss
+        torch.testing.assert_close(m(x, targets=y, weights=w), want.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(m(x, targets=y).detach(), naive_weighted_ce(m, x, y, torch.ones_like(w)).detach(),
+                               rtol=1e-5, atol=1e-4)  # weights default to 1
+
+
+def test_fused_head_loss_under_bf16_autocast_tracks_fp32():
+    m = tiny_model(vocab_size=3000, num_hidden_layers=1).train()
+    x, y = torch.randint(0, 3000, (2, 300)), torch.randint(0, 3000, (2, 300))
+    w = torch.ones(2, 300)
+    want = naive_weighted_ce(m, x, y, w)
+    want_g = torch.autograd.grad(want, [m.lm_head.weight])[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x, targets=y, weights=w)
+    got_g = torch.autograd.grad(got, [m.lm_head.weight])[0]
+    assert got.dtype == torch.float32 and got_g.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.0)
+    assert float((got_g - want_g).norm() / want_g.norm()) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # checkpoints
 
 

@@ -159,7 +159,7 @@ def test_sft_batch_gives_zero_loss_weight_to_prompt_tokens():
         rope_theta=1e4,
     )
     model = MistralForCausalLM(cfg)
-    got = pretrain.loss_sum(model(x), y, w)
+    got = model(x, targets=y, weights=w)
     want = 0.0
     for ids, n_prompt in examples:
         for t in range(n_prompt, len(ids)):
