@@ -239,9 +239,11 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     the autocast dtype; softmax, loss and the dW accumulator stay fp32."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, w):
+    def forward(ctx, h, weight, targets, w, grad_enabled: bool):
         N, V = h.shape[0], weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad says True under no_grad too, so the caller's grad mode is passed in (evaluation
+        # must not pay for the two gradient matmuls)
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         mm_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         Wm = weight.to(mm_dtype)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -271,7 +273,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         dh, dW = ctx.saved_tensors
         return (None if dh is None else dh * g.to(dh.dtype),
-                None if dW is None else (dW * g).to(ctx.weight_dtype), None, None)
+                None if dW is None else (dW * g).to(ctx.weight_dtype), None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,7 +484,8 @@ class MistralForCausalLM(nn.Module):
         if first_logit:
             raise ValueError("first_logit and targets do not combine")
         w = torch.ones(targets.shape, device=h.device) if weights is None else weights.float()
-        return LMHeadCrossEntropy.apply(h.flatten(0, -2), self.lm_head.weight, targets.flatten(), w.flatten())
+        return LMHeadCrossEntropy.apply(h.flatten(0, -2), self.lm_head.weight, targets.flatten(), w.flatten(),
+                                        torch.is_grad_enabled())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())  # tied weights once

@@ -91,7 +91,7 @@ def worker(rank: int, world: int, port: int, mode: str, device: str, out: str, g
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         with C.autocast_ctx(dev, dtype):
-            loss = torch.nn.functional.cross_entropy(train(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+            loss = train(x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()  # pretrain.py's loss (model.py detail 12)
         loss.backward()
         opt.step()
         if i < steps - 1:

@@ -280,8 +280,12 @@ def test_fused_head_loss_equals_full_logits_cross_entropy_with_gradients(tied):
     for name, a, b in zip(params, got_g, want_g):
         torch.testing.assert_close(a, 3.0 * b, rtol=1e-4, atol=3e-4 * float(b.abs().max()),
                                    msg=lambda e, name=name: f"{name}: {e}")
-    with torch.no_grad():  # the no-grad path (evaluation) computes no gradients and the same loss
-        torch.testing.assert_close(m(x, targets=y, weights=w), want.detach(), rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # the no-grad path (evaluation): the same loss, and no gradient matmuls run
+        with torch.profiler.profile() as prof:
+            no_grad_loss = m(x, targets=y, weights=w)
+        torch.testing.assert_close(no_grad_loss, want.detach(), rtol=1e-5, atol=1e-4)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert "aten::addmm_" not in ops and ops["aten::mm"] == 7 + 3  # q k v o, gate up down; the head's 3 chunks
     torch.testing.assert_close(m(x, targets=y).detach(), naive_weighted_ce(m, x, y, torch.ones_like(w)).detach(),
                                rtol=1e-5, atol=1e-4)  # weights default to 1
 
