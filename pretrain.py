@@ -32,8 +32,9 @@ Implementation details:
    of the joined text (`Tokenizer.encode_pair`, lm-eval's rule), exactly as generation after the prompt sees them.
 9. Resume: `last/` holds the weights (safetensors) and `train_state.pt` (optimizer, step, data-generator and
    RNG state; loaded with weights_only=True); a resumed run reaches the same weights as an uninterrupted one.
-10. MFU: tokens/s x `model.flops_per_token` divided by the GPU's datasheet peak, or on CPU by this machine's
-    measured fp32 matmul peak (so the CPU figure is a ratio to what the machine can do, not a guess).
+10. MFU: tokens/s of all ranks x `model.flops_per_token` divided by the ranks' summed peak: the GPU's datasheet
+    peak, or on CPU this machine's measured matmul peak in the run's matmul dtype (fp32, or bf16 under
+    `--dtype bf16`), so the CPU figure is a ratio to what the machine can do, not a guess.
 11. Toy-world probe (end of run, when the data lives in a toy world): samples answers to held-out red-team and
     general prompts at temperature 1 and reports the EOS rate and the toxicity rate under the world's lexicon,
     plus log-likelihood accuracy on the world's knowledge (MMLU-style) and arithmetic items against chance.
@@ -595,7 +596,12 @@ def main(argv: list[str] | None = None) -> None:
         model = torch.compile(model)
 
     fpt = flops_per_token(mcfg, cfg.seq_len)
-    peak = peak_flops(device) or (measure_matmul_peak(torch.float32) if device.type == "cpu" else None)
+    # detail 10: tok/s below are all ranks together, so the ceiling is all ranks' peak; on CPU measured in the
+    # matmul dtype (bf16 runs at ~2.7x fp32 on CPUs with AVX512-BF16; fp16 has no fast CPU kernel: fp32)
+    peak_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    peak = peak_flops(device) or (measure_matmul_peak(peak_dtype) if device.type == "cpu" else None)
+    peak = peak * W if peak else None
+    peak_name = f"measured {'bf16' if peak_dtype == torch.bfloat16 else 'fp32'}"
     world = find_toy_world(cfg)
     logger = JsonlLogger(out / "metrics.jsonl") if dist_info.is_main else None
     if dist_info.is_main:
@@ -701,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
                 log(
                     f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {gnorm:.2f} | "
                     f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% of "
-                    f"{'datasheet peak' if device.type == 'cuda' else 'measured fp32 matmul peak'} | "
+                    f"{'datasheet peak' if device.type == 'cuda' else peak_name + ' matmul peak'} | "
                     f"{eta(step - start_step, cfg.max_steps - start_step, elapsed)}"
                 )
             t_log, tok_since = time.time(), 0
