@@ -12,6 +12,12 @@
 #   SEEDS="1235" MID_SEEDS="" PAPER_SEEDS="" bash bench/bench_ctr_sweep.sh   # one seed, base and 128x only
 #   VOCAB=200000 bash bench/bench_ctr_sweep.sh    # the harder data set (20x the embedding rows), own OUT
 #   TABLE_ONLY=1 bash bench/bench_ctr_sweep.sh    # only print the table (and draw the picture) from finished runs
+#   TUNE=1 bash bench/bench_ctr_sweep.sh          # the base-lr search at batch 128 (below), then stop
+#   BASE="--base_lr_embed 2e-4" OUT=out/ctr_sweep1k_e2e-4 bash bench/bench_ctr_sweep.sh   # sweep from other base lrs
+#
+# The base-lr search (TUNE=1): batch 128, seed 1235, 8 epochs, on a second draw of the same synthetic generator
+# (--synth_seed 1: its own hidden model and rows), so the test AUC of the sweep's data (--synth_seed 0) is never
+# used to choose; six (lr_dense, lr_embed) pairs around the defaults, two runs at a time; the table ranks them.
 #
 # Three groups of runs, each group's seeds from its own variable:
 #   SEEDS        base run (128) and all four rules at 128x (16,384)          (default 1235 1236 1237)
@@ -36,7 +42,34 @@ SEEDS=${SEEDS-"1235 1236 1237"}
 MID_SEEDS=${MID_SEEDS-"1235"}
 PAPER_SEEDS=${PAPER_SEEDS-"1235 1236 1237"}
 C="python cowclip_ctr.py --sweep --threads 1 --n_train 2097152 --n_test 100000 --synth_vocab $VOCAB
-   --mlp 64,64,64 --epochs 8 --base_batch 128 --log_every 100000"
+   --mlp 64,64,64 --epochs 8 --base_batch 128 --log_every 100000 ${BASE:-}"
+
+if [ -n "${TUNE:-}" ]; then
+    T=${TUNE_OUT:-out/ctr_tune}
+    mkdir -p "$T"
+    tune() {  # $1 lr_dense, $2 lr_embed
+        [ -f "$T/d$1_e$2/summary.json" ] || python cowclip_ctr.py --threads 1 --n_train 2097152 --n_test 100000 \
+            --synth_vocab "$VOCAB" --mlp 64,64,64 --epochs 8 --base_batch 128 --batch_size 128 --log_every 100000 \
+            --synth_seed 1 --seed 1235 --no-save_model --base_lr_dense "$1" --base_lr_embed "$2" --out "$T/d$1_e$2" \
+            > "$T/d$1_e$2.log" 2>&1
+    }
+    (tune 8e-4 1e-4; tune 8e-4 2e-4; tune 1.6e-3 1e-4) &
+    (tune 8e-4 5e-5; tune 4e-4 1e-4; tune 8e-4 4e-4) &
+    wait
+    python - "$T" <<'EOF'
+import glob, json, os, sys
+rows = []
+for p in glob.glob(os.path.join(sys.argv[1], "*", "summary.json")):
+    s = json.load(open(p))
+    c = json.load(open(os.path.join(os.path.dirname(p), "config.json")))
+    rows.append((s["auc"], c["base_lr_dense"], c["base_lr_embed"], max(h["auc"] for h in s["history"]), s["clip_frac"]))
+print("| lr_dense | lr_embed | AUC after 8 epochs | best-epoch AUC | rows clipped |")
+print("|---|---|---|---|---|")
+for auc, d, e, best, cf in sorted(rows, reverse=True):
+    print(f"| {d:g} | {e:g} | {auc:.4f} | {best:.4f} | {100 * cf:.4f}% |")
+EOF
+    exit 0
+fi
 
 if [ -z "${TABLE_ONLY:-}" ]; then
     for S in $SEEDS; do  # 128x first: the base run at 128 is the slow one
