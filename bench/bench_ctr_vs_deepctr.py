@@ -8,7 +8,8 @@ Criteo-like rows (cowclip_ctr.make_synthetic). One process, one thread, the vari
 ...) so that a shared machine's load falls on all of them alike; the median over rounds is reported.
 
 - samples/s of one training step: ours = `cowclip_ctr.train_step` (L2, CowClip, two Adams), dense (the
-  reference's whole-table semantics) and sparse (`--embed_update sparse`); DeepCTR-Torch = the body of its
+  reference's whole-table semantics) and sparse (`--embed_update sparse`), each also under `--dtype bf16`
+  (the MLP in bf16 autocast; `--no-bf16` drops these); DeepCTR-Torch = the body of its
   `BaseModel.fit` loop (forward, sum-BCE + its L2 term, backward, Adam), on its own float input matrix.
 - the floor: the DNN's GEMMs alone (forward, weight and input gradients) at that batch, timed in the same
   alternation; DeepCTR-Torch's step / this time is the most any step doing the same work can gain.
@@ -44,11 +45,13 @@ except ImportError:
     deepctr_torch = None
 
 
-def ours_step(data: dict, batch: int, mode: str):
-    """A closure that runs one full training step of ours on the next batch of a fixed permutation."""
-    cfg = cc.Config(batch_size=batch, embed_update=mode)
+def ours_step(data: dict, batch: int, mode: str, dtype: str = "fp32"):
+    """A closure that runs one full training step of ours on the next batch of a fixed permutation; dtype bf16 is
+    `--dtype bf16` (the MLP under bf16 autocast, cowclip_ctr.py detail 7)."""
+    cfg = cc.Config(batch_size=batch, embed_update=mode, dtype=dtype)
     torch.manual_seed(0)
     model = cc.DeepFM(data["field_dims"], data["n_dense"], 10, [400, 400, 400], cfg.init_std)
+    model.mlp_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
     train = cc.to_device(data["train"], model.offsets, "cpu")
     hp = {**cc.scaled_hparams(cfg), "warmup_steps": 0}
     opt_e, opt_d = cc.make_optimizers(model, hp, mode)
@@ -123,9 +126,17 @@ def dnn_matmuls(data: dict, batch: int, hidden=(400, 400, 400)):
     return step
 
 
-def auc_ours(data: dict, batch: int, mode: str, epochs: int) -> dict:
+# Two recipes for our one-epoch AUC: the CowClip rule as the sweep runs it, and DeepCTR-Torch's learning rates
+# (its one Adam at 1e-3 on the tables too, no warmup), so that equal speed is compared at equal AUC as well.
+RECIPES = {"cowclip": {}, "deepctr_lrs": {"base_lr_embed": 1e-3, "warmup_epochs": 0.0}}
+
+
+def auc_ours(data: dict, batch: int, mode: str, dtype: str, recipe: str, epochs: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cfg = cc.Config(batch_size=batch, embed_update=mode, epochs=epochs, out=out, save_model=False, log_every=10**9)
+        cfg = cc.Config(
+            batch_size=batch, embed_update=mode, dtype=dtype, epochs=epochs, out=out, save_model=False,
+            log_every=10**9, **RECIPES[recipe],
+        )  # fmt: skip
         t = time.perf_counter()
         s = cc.train(cfg, data, quiet=True, checkpoints=False)
     return {"auc": s["auc"], "logloss": s["logloss"], "bayes_auc": s["bayes_auc"], "wall_s": time.perf_counter() - t}
@@ -152,6 +163,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32768)  # samples per variant per round
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--auc", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)  # also ours under --dtype bf16
     p.add_argument("--out", default="out/bench")
     args = p.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each, as the library would get
@@ -162,7 +174,9 @@ def main() -> None:
     have_lib = deepctr_torch is not None
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        variants = {"ours_dense": ours_step(data, b, "dense"), "ours_sparse": ours_step(data, b, "sparse")}
+        variants = {f"ours_{m}": ours_step(data, b, m) for m in ("dense", "sparse")}
+        if args.bf16:
+            variants.update({f"ours_{m}_bf16": ours_step(data, b, m, "bf16") for m in ("dense", "sparse")})
         if have_lib:
             variants["deepctr_torch"] = deepctr_step(data, b)
         variants["dnn_matmuls_only"] = dnn_matmuls(data, b)
@@ -180,7 +194,12 @@ def main() -> None:
         row = {"batch": b, "steps_per_round": k, "samples_per_s": {n: statistics.median(v) for n, v in sps.items()}}
         row["samples_per_s_rounds"] = sps
         if args.auc:
-            row["auc"] = {m: auc_ours(data, b, m.split("_")[1], args.epochs) for m in ("ours_dense", "ours_sparse")}
+            ours = [n for n in variants if n.startswith("ours_")]  # ours_<mode>[_bf16]
+            row["auc"] = {
+                f"{n} {r}": auc_ours(data, b, n.split("_")[1], "bf16" if n.endswith("bf16") else "fp32", r, args.epochs)
+                for n in ours
+                for r in RECIPES
+            }
             if have_lib:
                 row["auc"]["deepctr_torch"] = auc_deepctr(data, b, args.epochs)
         rows.append(row)
@@ -189,32 +208,30 @@ def main() -> None:
         )
     base = "deepctr_torch" if have_lib else "ours_dense"
     print(
-        f"\n1 thread, fp32, {vocab:,} embedding rows, {args.rounds} alternating rounds (median); AUC after "
-        f"{args.epochs} epoch(s) of {args.n_train:,} rows, test {args.n_test:,}"
+        f"\n1 thread, fp32 (ours_*_bf16: the MLP under bf16 autocast), {vocab:,} embedding rows, {args.rounds} "
+        "alternating rounds (median)"
     )
     names = [n for n in rows[0]["samples_per_s"] if n != "dnn_matmuls_only"]
-    floor = f"DNN GEMMs only / {base}"  # the equal-work ceiling of a ratio to the base
-    print(
-        "| batch | "
-        + " | ".join(f"{n} samples/s" for n in names)
-        + " | "
-        + " | ".join(f"{n} / {base}" for n in names if n != base)
-        + f" | {floor}"
-        + (" | " + " | ".join(f"{n} AUC" for n in names) + " | Bayes AUC" if args.auc else "")
-        + " |"
-    )
-    print("|---" * (1 + 2 * len(names) + (len(names) + 1 if args.auc else 0)) + "|")
+    others = [n for n in names if n != base]
+    head = [*(f"{n} samples/s" for n in names), *(f"{n} / {base}" for n in others), f"DNN GEMMs only / {base}"]
+    print("| batch | " + " | ".join(head) + " |\n" + "|---" * (1 + len(head)) + "|")
     for r in rows:
         s = r["samples_per_s"]
-        cells = [
-            f"{r['batch']:,}",
-            *(f"{s[n]:,.0f}" for n in names),
-            *(f"{s[n] / s[base]:.2f}x" for n in names if n != base),
-            f"{s['dnn_matmuls_only'] / s[base]:.2f}x",
-        ]
-        if args.auc:
-            cells += [f"{r['auc'][n]['auc']:.4f}" for n in names] + [f"{r['auc']['ours_dense']['bayes_auc']:.4f}"]
-        print("| " + " | ".join(cells) + " |")
+        cells = [*(f"{s[n]:,.0f}" for n in names), *(f"{s[n] / s[base]:.2f}x" for n in others)]
+        cells.append(f"{s['dnn_matmuls_only'] / s[base]:.2f}x")  # the equal-work ceiling of a ratio to the base
+        print(f"| {r['batch']:,} | " + " | ".join(cells) + " |")
+    if args.auc:
+        print(f"\ntest AUC after {args.epochs} epoch(s) of {args.n_train:,} rows, test {args.n_test:,}")
+        print("| batch | variant | " + " | ".join(f"AUC, {r} recipe" for r in RECIPES) + " | Bayes AUC |")
+        print("|---" * (3 + len(RECIPES)) + "|")
+        for r in rows:
+            a, bayes = r["auc"], r["auc"]["ours_dense cowclip"]["bayes_auc"]
+            for n in names:
+                if n == "deepctr_torch":
+                    cells = [f"{a[n]['auc']:.4f} (its defaults)"] + [""] * (len(RECIPES) - 1)
+                else:
+                    cells = [f"{a[f'{n} {k}']['auc']:.4f}" for k in RECIPES]
+                print(f"| {r['batch']:,} | {n} | " + " | ".join(cells) + f" | {bayes:.4f} |")
     os.makedirs(args.out, exist_ok=True)
     name = os.path.join(args.out, "bench_ctr_vs_deepctr.json")
     meta = {"deepctr_torch": getattr(deepctr_torch, "__version__", None), "torch": torch.__version__, "threads": 1}

@@ -381,6 +381,8 @@ def test_bf16_and_fp16_run_on_cpu_and_fp16_unscales_before_clipping():
     loss16, c16, _, g16 = _one_step_grads("fp16")
     lossbf, _, _, gbf = _one_step_grads("bf16")
     assert torch.isfinite(lossbf) and torch.isfinite(gbf).all()
+    assert lossbf.item() == pytest.approx(loss32.item(), rel=1e-2)  # the MLP in bf16: ~3 significant digits
+    assert ((gbf - g32).norm() / g32.norm()).item() < 2e-2  # and the table gradient it sends back, too
     assert loss16.item() == pytest.approx(loss32.item(), rel=1e-2)
     # had clipping seen the 65536x-scaled gradient, clipped rows would end ~65536x too small
     rows = g32.norm(dim=1) > 0
