@@ -570,6 +570,9 @@ class DeepFM(nn.Module):
         return first + fm_term(e) + deep.float() + self.bias  # logits (B,)
 
 
+MLP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype -> DeepFM.mlp_dtype
+
+
 def embedding_params(model: DeepFM) -> list[nn.Parameter]:
     return [model.embed.weight, model.linear_embed.weight]
 
@@ -982,7 +985,7 @@ def train(
                 f"builds {own.get(k)}; {DAMAGED}"
             )
         raw.load_state_dict(ckpt["model"])
-    raw.mlp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[rt["dtype"]]
+    raw.mlp_dtype = MLP_DTYPES[rt["dtype"]]
     train_split = to_device(data["train"], raw.offsets, device)
     eval_split = to_device(data[eval_name], raw.offsets, device)
     test_split = eval_split if eval_name == "test" else to_device(data["test"], raw.offsets, device)

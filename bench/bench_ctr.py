@@ -71,7 +71,7 @@ def bench_batch(data: dict, batch: int, device: torch.device, dtype: str, steps:
     cfg = cc.Config(batch_size=batch)
     torch.manual_seed(0)
     model = cc.DeepFM(data["field_dims"], data["n_dense"], 10, [400, 400, 400], 1e-2).to(device)
-    model.mlp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model.mlp_dtype = cc.MLP_DTYPES[dtype]
     train = cc.to_device(data["train"], model.offsets, device)
     hp = {**cc.scaled_hparams(cfg), "warmup_steps": 0}
     opt_e, opt_d = cc.make_optimizers(model, hp)

@@ -51,7 +51,7 @@ def ours_step(data: dict, batch: int, mode: str, dtype: str = "fp32"):
     cfg = cc.Config(batch_size=batch, embed_update=mode, dtype=dtype)
     torch.manual_seed(0)
     model = cc.DeepFM(data["field_dims"], data["n_dense"], 10, [400, 400, 400], cfg.init_std)
-    model.mlp_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
+    model.mlp_dtype = cc.MLP_DTYPES[dtype]
     train = cc.to_device(data["train"], model.offsets, "cpu")
     hp = {**cc.scaled_hparams(cfg), "warmup_steps": 0}
     opt_e, opt_d = cc.make_optimizers(model, hp, mode)

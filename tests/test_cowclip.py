@@ -366,7 +366,7 @@ def _one_step_grads(dtype: str, scaler_scale: float = 2.0**16):
     data = cc.make_synthetic(cfg)
     torch.manual_seed(0)
     m = cc.DeepFM(data["field_dims"], 13, 10, [16], 1e-4)
-    m.mlp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    m.mlp_dtype = cc.MLP_DTYPES[dtype]
     batch = cc.to_device(data["train"], m.offsets, "cpu")
     hp = {**cc.scaled_hparams(cfg), "warmup_steps": 0}
     oe, od = cc.make_optimizers(m, hp)
