@@ -45,6 +45,12 @@ mistralai/mistral-src; transformers `models/mistral/modeling_mistral.py` and `co
     incoming gradient. Same matmuls as head + `F.cross_entropy`, fewer passes over the logits, and at a 32K
     vocabulary ~1 GB less memory per 4K tokens (logits and their gradient). The idea is the one of Liger
     Kernel's fused linear cross-entropy (github.com/linkedin/Liger-Kernel), written here in plain PyTorch.
+13. Causal attention without padding (`causal_attention`): PyTorch's CPU flash-attention kernel (torch 2.13)
+    multiplies every query with all keys up to T = 512 and masks afterwards (causal and full attention take
+    the same time there), so on CPU at T = 256-1024 the queries are split into blocks of 64-128 and each block
+    reads only the keys up to its last position: the same result to float rounding, 1.1-1.4x faster forward +
+    backward (bench/bench_attention.py, docs/model.md). Below 256 and from 2048 on one call is as fast; on GPU
+    the flash kernels skip those blocks themselves, and one call stays.
 """
 
 from __future__ import annotations
@@ -213,6 +219,24 @@ def attention_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.T
     return allowed[:, None]
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """Causal SDPA, q (B, nh, T, hd), k/v (B, nkv, T, hd) -> (B, nh, T, hd) (detail 13). On CPU for 256 <= T
+    <= 1024 the queries go in blocks of c (64 at T = 256, else 128): block i reads keys [0, (i + 1) c), the
+    last c of them under the causal mask, so the keys above the diagonal are never multiplied. Elsewhere one
+    `is_causal` call."""
+    T = q.shape[2]
+    c = 64 if T <= 256 else 128
+    if q.device.type != "cpu" or not 256 <= T <= 1024 or T % c or k.shape[2] != T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    out = []
+    for i in range(T // c):
+        n = (i + 1) * c  # keys this block reads; query r of the block (position i c + r) reads keys j <= i c + r
+        allowed = None if i == 0 else torch.ones(c, n, dtype=torch.bool, device=q.device).tril(i * c)
+        out.append(F.scaled_dot_product_attention(q[:, :, i * c:n], k[:, :, :n], v[:, :, :n], attn_mask=allowed,
+                                                  is_causal=i == 0, enable_gqa=enable_gqa))
+    return torch.cat(out, 2)
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) under softmax(logits), in fp32. logits (..., V), labels (...) -> (...)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -280,6 +304,13 @@ class LMHeadCrossEntropy(torch.autograd.Function):
 # The model
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, then times the weight (detail 2)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # the fused kernel of exactly that
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -287,11 +318,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in fp32 (F.rms_norm is the fused kernel of exactly that)
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * normed.to(x.dtype)  # detail 2: cast back first, then the weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -345,7 +372,7 @@ class Attention(nn.Module):
                 k, v = k_all, v_all
             k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            y = causal_attention(q, k, v, enable_gqa=self.n_kv != self.n_heads)
         else:  # mask: (B, 1, T, S) bool
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
@@ -511,7 +538,7 @@ class MistralForCausalLM(nn.Module):
         if cache.weights is None:
             cache.weights = decode_weights(self)
         cfg = self.config
-        dims = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta)
+        dims = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps)
         step = static_decode_step if self.decode_mode == "static" else _compiled_decode_step()
         logits = step(cache.weights, dims, tok, pos.clone(), torch.tensor(slot, device=tok.device), cache.k, cache.v,
                       cache.valid, slot + 1)
@@ -562,7 +589,7 @@ class MistralForCausalLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         n = 0
         for t in range(max_new_tokens):
-            scaled = logits.float() / (1.0 if greedy else temperature)
+            scaled = logits.float() if greedy else logits.float() / temperature
             if greedy:
                 tok = scaled.argmax(-1)
             else:
@@ -636,18 +663,20 @@ def decode_weights(model: MistralForCausalLM) -> dict:
     """The weights the static step reads, as (in, out) matrices for `x @ w`. On CPU, for models up to 1 GiB,
     transposed contiguous copies: MKL's GEMM with a few rows is ~1.6x faster on that layout than on `F.linear`'s
     (a micro-benchmark of the toy shape's matrices at 16 rows, docs/model.md); rebuilt once per cache, so
-    weights updated between generations (PPO) are read fresh. Elsewhere transposed views, no copy."""
+    weights updated between generations (PPO) are read fresh. Elsewhere transposed views, no copy. Tensors
+    only, no modules: the compiled step checks its inputs on every call, and a module costs far more checks
+    than a tensor."""
     p = model.lm_head.weight
     copy = p.device.type == "cpu" and sum(t.numel() * t.element_size() for t in model.parameters()) <= 2**30
 
     def mat(lin: nn.Linear) -> torch.Tensor:
         return lin.weight.detach().t().contiguous() if copy else lin.weight.detach().t()
 
-    layers = [(L.input_layernorm, mat(L.self_attn.q_proj), mat(L.self_attn.k_proj), mat(L.self_attn.v_proj),
-               mat(L.self_attn.o_proj), L.post_attention_layernorm, mat(L.mlp.gate_proj), mat(L.mlp.up_proj),
-               mat(L.mlp.down_proj)) for L in model.model.layers]
-    return {"embed": model.model.embed_tokens, "layers": layers, "norm": model.model.norm,
-            "lm_head": mat(model.lm_head)}
+    layers = [(L.input_layernorm.weight.detach(), mat(L.self_attn.q_proj), mat(L.self_attn.k_proj),
+               mat(L.self_attn.v_proj), mat(L.self_attn.o_proj), L.post_attention_layernorm.weight.detach(),
+               mat(L.mlp.gate_proj), mat(L.mlp.up_proj), mat(L.mlp.down_proj)) for L in model.model.layers]
+    return {"embed": model.model.embed_tokens.weight.detach(), "layers": layers,
+            "norm": model.model.norm.weight.detach(), "lm_head": mat(model.lm_head)}
 
 
 def static_decode_step(w: dict, dims: tuple, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
@@ -656,16 +685,16 @@ def static_decode_step(w: dict, dims: tuple, tok: torch.Tensor, pos: torch.Tenso
     """One decode step (detail 11): token `tok` (B,) at RoPE position `pos` (B,) is written into cache slot `slot`
     (a 0-dim tensor, so a compiled graph does not specialise on it) of every layer, then attends to the first
     `n` = slot + 1 slots where `valid` (B, S) is set (the caller marks the new slot). `w` from
-    `decode_weights`, `dims` = (query heads, KV heads, head_dim, rope_theta). -> fp32 logits (B, V).
+    `decode_weights`, `dims` = (query heads, KV heads, head_dim, rope_theta, rms_norm_eps). -> fp32 logits (B, V).
     The arithmetic of the general forward, with attention written out (q K^T, mask, softmax, V) so the
     compiler can fuse it."""
-    nh, nkv, hd, theta = dims
+    nh, nkv, hd, theta, eps = dims
     B = tok.shape[0]
     cos, sin = rope_cos_sin(pos[:, None], hd, theta)  # (B, 1, hd) fp32
     blocked = ~valid[:, None, None, :n]  # (B, 1, 1, n), broadcast over KV heads and their query groups
-    h = w["embed"](tok[:, None])  # (B, 1, H)
+    h = F.embedding(tok[:, None], w["embed"])  # (B, 1, H)
     for i, (norm1, wq, wk, wv, wo, norm2, wg, wu, wd) in enumerate(w["layers"]):
-        x = norm1(h)
+        x = rms_norm(h, norm1, eps)
         q = apply_rope((x @ wq).view(B, 1, nh, hd), cos, sin)
         k = apply_rope((x @ wk).view(B, 1, nkv, hd), cos, sin)
         v = (x @ wv).view(B, 1, nkv, hd)
@@ -677,9 +706,9 @@ def static_decode_step(w: dict, dims: tuple, tok: torch.Tensor, pos: torch.Tenso
         scores = (q @ ks.to(q.dtype).transpose(-1, -2)) * hd**-0.5
         probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), -1)
         h = h + (probs.to(q.dtype) @ vs.to(q.dtype)).reshape(B, 1, nh * hd) @ wo
-        x = norm2(h)
+        x = rms_norm(h, norm2, eps)
         h = h + (F.silu(x @ wg) * (x @ wu)) @ wd  # SwiGLU
-    return (w["norm"](h) @ w["lm_head"])[:, 0].float()
+    return (rms_norm(h, w["norm"], eps) @ w["lm_head"])[:, 0].float()
 
 
 _COMPILED_STEP = None

@@ -178,8 +178,8 @@ def main() -> None:
         hf_s = res["train_step_s"]["transformers"]
         res["train_round_ratios"] = {k: [h / o for h, o in zip(hf_s, v)] for k, v in res["train_step_s"].items()}
         print("train step, transformers / ours per round: " + "; ".join(
-            f"{k} " + " ".join(f"{r:.2f}" for r in v) for k, v in res["train_round_ratios"].items()
-            if k != "transformers"))
+            f"{k} " + " ".join(f"{r:.2f}" for r in v) + f" (median {statistics.median(v):.2f})"
+            for k, v in res["train_round_ratios"].items() if k != "transformers"))
     res["train_fraction_of_peak"] = {k: B * T / v * fpt / peak for k, v in med.items()}
     fmed = {k: statistics.median(v) for k, v in res["forward_s"].items()}
     for k, v in fmed.items():
@@ -189,6 +189,13 @@ def main() -> None:
         for k, v in dmed.items():
             row(f"decode b{b} x{args.new_tokens}", k, v, b * args.new_tokens, dmed.get("transformers"),
                 d["ids_equal"][k.replace("ours ", "")])
+    for b, d in res["decode"].items():
+        if "transformers" in d["s"]:
+            d["round_ratios"] = {k: [h / o for h, o in zip(d["s"]["transformers"], v)] for k, v in d["s"].items()
+                                 if k != "transformers"}
+            print(f"decode b{b}, transformers / ours per round: " + "; ".join(
+                f"{k} " + " ".join(f"{r:.2f}" for r in v) + f" (median {statistics.median(v):.2f})"
+                for k, v in d["round_ratios"].items()))
     print("train step, fraction of the measured matmul peak: "
           + ", ".join(f"{k} {100 * v:.0f}%" for k, v in res["train_fraction_of_peak"].items()))
     if "forward_max_abs_logit_diff" in res:

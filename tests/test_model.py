@@ -224,6 +224,24 @@ def test_gqa_equals_explicit_repeat_kv():
     assert m.model.layers[0].self_attn.n_heads // m.model.layers[0].self_attn.n_kv == 4
 
 
+@pytest.mark.parametrize("T", [128, 256, 320, 384, 768])
+def test_blocked_causal_attention_equals_naive_softmax_with_gradients(T):
+    # 256, 384, 768 take the query-block path (4 blocks of 64; 3 and 6 of 128); 128 and 320 (not a multiple of
+    # 128) one call
+    torch.manual_seed(T)
+    B, nh, nkv, hd = 2, 4, 2, 8
+    q, k, v = (torch.randn(B, n, T, hd, dtype=torch.float64, requires_grad=True) for n in (nh, nkv, nkv))
+    g = torch.randn(B, nh, T, hd, dtype=torch.float64)
+    got = M.causal_attention(q, k, v, enable_gqa=True)
+    kr, vr = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    scores = (q @ kr.transpose(-1, -2)) / math.sqrt(hd)
+    ref = torch.softmax(scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), -1) @ vr
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 def test_rope_matches_naive_per_position_rotation():
     torch.manual_seed(0)
     hd, theta = 8, 10000.0
