@@ -198,6 +198,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, then times the weight (detail 2)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # the fused kernel of exactly that
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
 def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) 0/1 mask -> positions where each row's first real token is 0 (pads get a harmless 0)."""
     pos = attention_mask.long().cumsum(-1) - 1
@@ -302,13 +309,6 @@ class LMHeadCrossEntropy(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, then times the weight (detail 2)."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)  # the fused kernel of exactly that
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -67,6 +67,15 @@ def alternate(variants: dict, rounds: int) -> dict:
     return out
 
 
+def paired_ratios(times: dict, label: str) -> dict:
+    """transformers' time / ours, round by round (robust to a drifting machine); printed with their median."""
+    ref = times["transformers"]
+    out = {k: [h / o for h, o in zip(ref, v)] for k, v in times.items() if k != "transformers"}
+    print(f"{label}, transformers / ours per round: " + "; ".join(
+        f"{k} " + " ".join(f"{r:.2f}" for r in v) + f" (median {statistics.median(v):.2f})" for k, v in out.items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -174,12 +183,8 @@ def main() -> None:
         print(f"{name:<22}{variant:<16}{sec * 1e3:>8.1f}ms{tokens / sec:>11.0f}{ratio:>17}{str(equal):>11}")
     for k, v in med.items():
         row("train step 16x256", k, v, B * T, med.get("transformers"))
-    if "transformers" in res["train_step_s"]:  # paired within each round: robust to a drifting machine
-        hf_s = res["train_step_s"]["transformers"]
-        res["train_round_ratios"] = {k: [h / o for h, o in zip(hf_s, v)] for k, v in res["train_step_s"].items()}
-        print("train step, transformers / ours per round: " + "; ".join(
-            f"{k} " + " ".join(f"{r:.2f}" for r in v) + f" (median {statistics.median(v):.2f})"
-            for k, v in res["train_round_ratios"].items() if k != "transformers"))
+    if "transformers" in res["train_step_s"]:
+        res["train_round_ratios"] = paired_ratios(res["train_step_s"], "train step")
     res["train_fraction_of_peak"] = {k: B * T / v * fpt / peak for k, v in med.items()}
     fmed = {k: statistics.median(v) for k, v in res["forward_s"].items()}
     for k, v in fmed.items():
@@ -191,11 +196,7 @@ def main() -> None:
                 d["ids_equal"][k.replace("ours ", "")])
     for b, d in res["decode"].items():
         if "transformers" in d["s"]:
-            d["round_ratios"] = {k: [h / o for h, o in zip(d["s"]["transformers"], v)] for k, v in d["s"].items()
-                                 if k != "transformers"}
-            print(f"decode b{b}, transformers / ours per round: " + "; ".join(
-                f"{k} " + " ".join(f"{r:.2f}" for r in v) + f" (median {statistics.median(v):.2f})"
-                for k, v in d["round_ratios"].items()))
+            d["round_ratios"] = paired_ratios(d["s"], f"decode b{b}")
     print("train step, fraction of the measured matmul peak: "
           + ", ".join(f"{k} {100 * v:.0f}%" for k, v in res["train_fraction_of_peak"].items()))
     if "forward_max_abs_logit_diff" in res:
