@@ -33,12 +33,14 @@ mistralai/mistral-src; transformers `models/mistral/modeling_mistral.py` and `co
 11. Decoding one token (`decode_step`) has three modes (`model.decode_mode`). "eager" is the reference: the
     general forward with the cache (masks planned per call). "static" (the default) is one fixed step over the
     preallocated cache: the new token's keys go into slot `cache.seen` in place, attention reads the slots
-    written so far under the valid-slot mask, weights are read as (in, out) matrices (`decode_weights`), so each
-    step is the same ~20 ops per layer with no per-call planning. "compile" is that step through `torch.compile`
-    with automatic dynamic shapes: the second call recompiles with the slot count symbolic, and that graph then
-    serves every step and every later generation (the cache length is rounded up to a multiple of 64 so few
-    cache shapes occur). The route is gpt-fast's static-cache decode (github.com/pytorch-labs/gpt-fast
-    `generate.py`). A rolling sliding-window cache and FSDP-sharded weights take the eager path.
+    written so far under the valid-slot mask, weights are read as (in, out) matrices (`decode_weights`) and RoPE
+    from per-cache tables, so each step is the same ~20 ops per layer with no per-call planning. "compile" is
+    that step through `torch.compile` with automatic dynamic shapes (on CPU with the attention written as
+    products and sums, which inductor turns into loops over the cache): the second call recompiles with the
+    slot count symbolic, and that graph then serves every step and every later generation (the cache length is
+    rounded up to a multiple of 64 so few cache shapes occur). The route is gpt-fast's static-cache decode
+    (github.com/pytorch-labs/gpt-fast `generate.py`). A rolling sliding-window cache and FSDP-sharded weights
+    take the eager path.
 12. The training loss (`forward(ids, targets=, weights=)`) never holds the (B, T, V) logits: the LM head and the
     cross-entropy run together over chunks of ~4M logits, and the chunk's gradients (softmax - one-hot, times
     the token weight) go straight into dh and dW while the chunk is in cache; backward only scales them by the
@@ -340,6 +342,7 @@ class KVCache:
         self.plan: dict | None = None  # how the current forward reads/writes the cache (set by the model)
         self.fast: bool | None = None  # decode_step takes the static path (decided at its first call)
         self.weights: dict | None = None  # the static step's weight layout (model.decode_weights)
+        self.rope: tuple | None = None  # the static step's (cos, sin) tables for positions 0..size-1
 
 
 class Attention(nn.Module):
@@ -538,10 +541,13 @@ class MistralForCausalLM(nn.Module):
         if cache.weights is None:
             cache.weights = decode_weights(self)
         cfg = self.config
-        dims = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps)
-        step = static_decode_step if self.decode_mode == "static" else _compiled_decode_step()
-        logits = step(cache.weights, dims, tok, pos.clone(), torch.tensor(slot, device=tok.device), cache.k, cache.v,
-                      cache.valid, slot + 1)
+        if cache.rope is None:  # positions never exceed the slots written, so `size` rows cover every step
+            cache.rope = rope_cos_sin(torch.arange(cache.size, device=tok.device), cfg.head_dim, cfg.rope_theta)
+        dims = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+        compiled = self.decode_mode == "compile"
+        step = _compiled_decode_step() if compiled else static_decode_step
+        logits = step(cache.weights, dims, tok, pos, cache.rope, torch.tensor(slot, device=tok.device), cache.k,
+                      cache.v, cache.valid, slot + 1, compiled and tok.device.type == "cpu")
         cache.seen += 1
         cache.next_pos += 1
         return logits
@@ -581,8 +587,9 @@ class MistralForCausalLM(nn.Module):
             raise ValueError("generate: prompts must be left-padded (last column must be a real token)")
         cache = self.new_cache(B, P + max_new_tokens)
         chunk = prefill_chunk or P
-        for s in range(0, P, chunk):
-            logits = self(input_ids[:, s:s + chunk], attention_mask[:, s:s + chunk], cache=cache)
+        for s in range(0, P, chunk):  # the LM head runs on the prompt's last position only
+            logits = self(input_ids[:, s:s + chunk], attention_mask[:, s:s + chunk], cache=cache,
+                          first_logit=min(chunk, P - s) - 1)
         logits = logits[:, -1]
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
         lps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=input_ids.device)
@@ -679,18 +686,26 @@ def decode_weights(model: MistralForCausalLM) -> dict:
             "norm": model.model.norm.weight.detach(), "lm_head": mat(model.lm_head)}
 
 
-def static_decode_step(w: dict, dims: tuple, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
-                       keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
-                       n: int) -> torch.Tensor:
-    """One decode step (detail 11): token `tok` (B,) at RoPE position `pos` (B,) is written into cache slot `slot`
-    (a 0-dim tensor, so a compiled graph does not specialise on it) of every layer, then attends to the first
-    `n` = slot + 1 slots where `valid` (B, S) is set (the caller marks the new slot). `w` from
-    `decode_weights`, `dims` = (query heads, KV heads, head_dim, rope_theta, rms_norm_eps). -> fp32 logits (B, V).
-    The arithmetic of the general forward, with attention written out (q K^T, mask, softmax, V) so the
-    compiler can fuse it."""
-    nh, nkv, hd, theta, eps = dims
+def static_decode_step(w: dict, dims: tuple, tok: torch.Tensor, pos: torch.Tensor, rope: tuple,
+                       slot: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
+                       n: int, loops: bool = False) -> torch.Tensor:
+    """One decode step (detail 11): token `tok` (B,) at RoPE position `pos` (B,) is written into cache slot
+    `slot` (a 0-dim tensor, so a compiled graph does not specialise on it) of every layer, then attends to the
+    first `n` = slot + 1 slots where `valid` (B, S) is set (the caller marks the new slot). `rope` = the (cos,
+    sin) tables (S, hd) of positions 0..S-1, computed once per cache: looked up, not recomputed every step (the
+    two lookups take 8 us against 23 us for the RoPE math run eagerly at batch 16, and inside a compiled graph
+    the math would be inlined into, and recomputed in, the loop over the keys that reads q). `w` from
+    `decode_weights`, `dims` = (query heads, KV heads, head_dim, rms_norm_eps). -> fp32 logits (B, V). The
+    arithmetic of the general forward, with attention written out (q K^T, mask, softmax, V).
+
+    `loops` (set when the step runs under torch.compile on CPU) writes the two attention products as
+    element-wise products and sums, which inductor turns into loops over the cached keys and values; run
+    eagerly those would materialise (B, heads, n, hd) tensors, so the uncompiled step keeps the batched matmuls
+    (at batch 16 their 64 tiny GEMMs a call cost more than the loops: docs/model.md). GPUs keep the matmuls too
+    (not measured there)."""
+    nh, nkv, hd, eps = dims
     B = tok.shape[0]
-    cos, sin = rope_cos_sin(pos[:, None], hd, theta)  # (B, 1, hd) fp32
+    cos, sin = rope[0][pos][:, None], rope[1][pos][:, None]  # (B, 1, hd) fp32
     blocked = ~valid[:, None, None, :n]  # (B, 1, 1, n), broadcast over KV heads and their query groups
     h = F.embedding(tok[:, None], w["embed"])  # (B, 1, H)
     for i, (norm1, wq, wk, wv, wo, norm2, wg, wu, wd) in enumerate(w["layers"]):
@@ -702,10 +717,14 @@ def static_decode_step(w: dict, dims: tuple, tok: torch.Tensor, pos: torch.Tenso
         values[i][:, :, slot.view(1)] = v.transpose(1, 2).to(values[i].dtype)
         # GQA: query head h reads KV head h // (nh / nkv) (detail 4); scores (B, nkv, nh/nkv, n)
         q = q.view(B, nkv, nh // nkv, hd)
-        ks, vs = keys[i][:, :, :n], values[i][:, :, :n]
-        scores = (q @ ks.to(q.dtype).transpose(-1, -2)) * hd**-0.5
+        ks, vs = keys[i][:, :, :n].to(q.dtype), values[i][:, :, :n].to(q.dtype)
+        if loops:
+            scores = (q[:, :, :, None, :] * ks[:, :, None]).sum(-1) * hd**-0.5
+        else:
+            scores = (q @ ks.transpose(-1, -2)) * hd**-0.5
         probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), -1)
-        h = h + (probs.to(q.dtype) @ vs.to(q.dtype)).reshape(B, 1, nh * hd) @ wo
+        y = (probs[..., None] * vs[:, :, None]).sum(-2) if loops else probs @ vs  # (B, nkv, nh/nkv, hd)
+        h = h + y.reshape(B, 1, nh * hd) @ wo
         x = rms_norm(h, norm2, eps)
         h = h + (F.silu(x @ wg) * (x @ wu)) @ wd  # SwiGLU
     return (rms_norm(h, w["norm"], eps) @ w["lm_head"])[:, 0].float()
