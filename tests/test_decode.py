@@ -110,3 +110,18 @@ def test_compiled_step_equals_eager_and_rounds_the_cache():
         a, b = greedy(m, ids, mask, "eager"), greedy(m, ids, mask, "compile")
         assert torch.equal(a.response_ids, b.response_ids)
         torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_chunked_prefill_generation_equals_one_prefill(chunk):
+    """The prefill runs the LM head on each chunk's last position only; chunks of 1, 3 (7 = 3 + 3 + 1) and 4
+    give the same greedy ids and log-probs as one prefill, whose first log-prob the full forward checks."""
+    m = tiny_model()
+    ids, mask = left_padded()
+    one = greedy(m, ids, mask, "static")
+    got = greedy(m, ids, mask, "static", prefill_chunk=chunk)
+    assert torch.equal(got.response_ids, one.response_ids)
+    torch.testing.assert_close(got.logprobs, one.logprobs, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        first = torch.log_softmax(m(ids, mask)[:, -1], -1).gather(1, one.response_ids[:, :1])[:, 0]
+    torch.testing.assert_close(one.logprobs[:, 0], first, atol=1e-5, rtol=0)
