@@ -547,7 +547,7 @@ class MistralForCausalLM(nn.Module):
         compiled = self.decode_mode == "compile"
         step = _compiled_decode_step() if compiled else static_decode_step
         logits = step(cache.weights, dims, tok, pos, cache.rope, torch.tensor(slot, device=tok.device), cache.k,
-                      cache.v, cache.valid, slot + 1, compiled and tok.device.type == "cpu")
+                      cache.v, cache.valid, slot + 1, loops=compiled and tok.device.type == "cpu")
         cache.seen += 1
         cache.next_pos += 1
         return logits
