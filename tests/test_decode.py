@@ -112,6 +112,24 @@ def test_compiled_step_equals_eager_and_rounds_the_cache():
         torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_compiled_step_logits_equal_eager_step_without_and_with_full_sharing(kv_heads):
+    """The compiled step's products-and-sums attention (CPU) for 4 query heads on 4 KV heads (no sharing) and
+    on 1 (all share it): step-by-step logits equal the general cached forward's on a left-padded batch."""
+    m = tiny_model(num_key_value_heads=kv_heads)
+    ids, mask = left_padded()
+    toks = torch.randint(3, 97, (ids.shape[0], 6))
+    logits = {}
+    with torch.no_grad():
+        for mode in ("eager", "compile"):
+            m.decode_mode = mode
+            cache = m.new_cache(ids.shape[0], ids.shape[1] + 6)
+            m(ids, mask, cache=cache)
+            logits[mode] = torch.stack([m.decode_step(toks[:, t], cache) for t in range(6)], 1)
+    m.decode_mode = "static"
+    torch.testing.assert_close(logits["compile"], logits["eager"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 4])
 def test_chunked_prefill_generation_equals_one_prefill(chunk):
     """The prefill runs the LM head on each chunk's last position only; chunks of 1, 3 (7 = 3 + 3 + 1) and 4
