@@ -38,6 +38,19 @@ def left_padded():
     return M.pad_batch([[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], [1, 40, 41, 42, 43]], pad_id=0, side="left")
 
 
+def step_logits(m, ids, mask, toks, mode):
+    """Prefill `ids` into a fresh cache, then feed `toks` (B, n) one step at a time in `mode`: -> (cache, the
+    n logits (B, V))."""
+    m.decode_mode = mode
+    try:
+        with torch.no_grad():
+            cache = m.new_cache(ids.shape[0], ids.shape[1] + toks.shape[1])
+            m(ids, mask, cache=cache)
+            return cache, [m.decode_step(toks[:, t], cache) for t in range(toks.shape[1])]
+    finally:
+        m.decode_mode = "static"
+
+
 @pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 4}, {"num_key_value_heads": 1},
                                 {"tie_word_embeddings": True}, {"sliding_window": 64}])
 def test_static_step_logits_equal_eager_step(kw):
@@ -46,14 +59,7 @@ def test_static_step_logits_equal_eager_step(kw):
     m = tiny_model(**kw)
     ids, mask = left_padded()
     toks = torch.randint(3, 97, (ids.shape[0], 8))
-    caches = {}
-    with torch.no_grad():
-        for mode in ("eager", "static"):
-            m.decode_mode = mode
-            cache = m.new_cache(ids.shape[0], ids.shape[1] + 8)
-            m(ids, mask, cache=cache)
-            caches[mode] = (cache, [m.decode_step(toks[:, t], cache) for t in range(8)])
-    m.decode_mode = "static"
+    caches = {mode: step_logits(m, ids, mask, toks, mode) for mode in ("eager", "static")}
     assert caches["static"][0].fast and not caches["eager"][0].fast
     for a, b in zip(caches["eager"][1], caches["static"][1]):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
@@ -119,14 +125,7 @@ def test_compiled_step_logits_equal_eager_step_without_and_with_full_sharing(kv_
     m = tiny_model(num_key_value_heads=kv_heads)
     ids, mask = left_padded()
     toks = torch.randint(3, 97, (ids.shape[0], 6))
-    logits = {}
-    with torch.no_grad():
-        for mode in ("eager", "compile"):
-            m.decode_mode = mode
-            cache = m.new_cache(ids.shape[0], ids.shape[1] + 6)
-            m(ids, mask, cache=cache)
-            logits[mode] = torch.stack([m.decode_step(toks[:, t], cache) for t in range(6)], 1)
-    m.decode_mode = "static"
+    logits = {mode: torch.stack(step_logits(m, ids, mask, toks, mode)[1], 1) for mode in ("eager", "compile")}
     torch.testing.assert_close(logits["compile"], logits["eager"], atol=1e-5, rtol=0)
 
 
